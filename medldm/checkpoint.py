@@ -1,0 +1,115 @@
+"""The one owner of checkpoints: periodic training checkpoints, resume, final model files,
+and the stop-signal handling that SLURM relies on (SIGTERM / SIGUSR1 before a time limit).
+
+A run directory (not a Snakemake output, so Snakemake never deletes it on failure) holds
+``ckpt-<step>.pt`` files written atomically; ``latest()`` is the newest complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medldm.io import atomic_path
+
+log = logging.getLogger(__name__)
+_CKPT = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+def save_torch(path: str | os.PathLike, payload: dict) -> None:
+    """torch.save, atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_torch(path: str | os.PathLike, map_location="cpu") -> dict:
+    """torch.load of a medldm file (trusted: our own checkpoints hold plain dicts and numpy state)."""
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpoints:
+    """Numbered checkpoints in ``run_dir``; keeps the newest ``keep``."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 2):
+        self.run_dir = Path(run_dir)
+        self.keep = keep
+
+    def _all(self) -> list[tuple[int, Path]]:
+        if not self.run_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.run_dir.iterdir() if (m := _CKPT.match(p.name))]
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        found = self._all()
+        return found[-1][1] if found else None
+
+    def save(self, step: int, state: dict) -> Path:
+        """Write ``state`` (plus RNG states) as checkpoint ``step``; prune older ones."""
+        path = self.run_dir / f"ckpt-{step:09d}.pt"
+        save_torch(path, {**state, "step": step, "rng": rng_state()})
+        for _, old in self._all()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self, map_location="cpu") -> dict | None:
+        """The newest checkpoint's state with RNG states restored, or None for a fresh start."""
+        path = self.latest()
+        if path is None:
+            return None
+        state = load_torch(path, map_location)
+        set_rng_state(state["rng"])
+        log.info("resuming from checkpoint %s (step %d)", path, state["step"])
+        return state
+
+
+class StopFlag:
+    """Turns SIGTERM and SIGUSR1 into a flag the training loop polls between steps.
+
+    SLURM sends SIGTERM (or a chosen signal with ``--signal``) before killing a job at its time
+    limit; the loop then writes a checkpoint and exits with ``EXIT_INTERRUPTED``.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, _frame):
+        self.received = signum
+        log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __bool__(self) -> bool:
+        return self.received is not None

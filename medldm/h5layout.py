@@ -1,0 +1,257 @@
+"""The one owner of medldm's HDF5 layouts. Every writer and reader goes through this module.
+
+Two kinds of file, each stamped with ``kind`` and ``format_version`` attributes that readers check:
+
+``latents`` (``export_latents`` and ``sample`` write it; ``train_ldm`` and ``decode`` read it)
+    mu            (N, C, d, h, w) float32   posterior mean, or sampled latents (unscaled)
+    logvar        (N, C, d, h, w) float32   posterior log-variance (absent for sampled latents)
+    subject_id    (N,) str                  subject id, or sample id
+    class_index   (N,) int64                index into ``class_names``; -1 for "no class"
+    split         (N,) str                  train / val / test, or "synthetic"
+    label         (N, X, Y, Z) uint8        prepared label maps (optional)
+    channel_mean  (C,) float32              mean of ``mu`` over all latent voxels of the train split
+    channel_std   (C,) float32              std of ``mu`` over the same voxels
+    attrs: scale_factor (1 / overall std of train ``mu``), grid_affine (4x4) and grid_shape (3,)
+    of the prepared image grid, class_names, label_names, vae_sha256, settings (JSON text).
+
+``volumes`` (``decode`` writes it; evaluation reads it)
+    image         (N, X, Y, Z) float32      intensities in [0, 1] on the prepared grid
+    label         (N, X, Y, Z) uint8        label maps (optional)
+    subject_id, class_index, split          as above
+    attrs: grid_affine, grid_shape, class_names, label_names, settings.
+
+Latents are stored unscaled: a consumer multiplies by ``scale_factor`` before diffusion and
+divides by it after sampling, exactly once (see ``medldm.latents``).
+Datasets are chunked one sample per chunk and uncompressed (float latents do not compress,
+and gzip makes random reads ~10x slower).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from medldm.errors import InputError
+from medldm.io import atomic_path
+
+FORMAT_VERSION = 1
+LATENTS, VOLUMES = "latents", "volumes"
+_STR = h5py.string_dtype()
+_REQUIRED = {
+    LATENTS: ("mu", "subject_id", "class_index", "split", "channel_mean", "channel_std"),
+    VOLUMES: ("image", "subject_id", "class_index", "split"),
+}
+_REQUIRED_ATTRS = ("grid_affine", "grid_shape", "class_names", "label_names", "settings")
+
+
+@dataclass
+class Header:
+    """File-level metadata shared by both kinds."""
+
+    grid_affine: np.ndarray
+    grid_shape: tuple[int, int, int]
+    class_names: list[str]
+    label_names: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    scale_factor: float | None = None  # latents only
+    vae_sha256: str = ""  # latents only
+
+
+class _Writer:
+    """Fills a file opened by ``create_latents`` / ``create_volumes`` row by row."""
+
+    def __init__(self, h5: h5py.File, n: int):
+        self.h5, self.n, self.count = h5, n, 0
+
+    def append(self, subject_id: str, class_index: int, split: str, **arrays: np.ndarray) -> None:
+        """Write one sample; ``arrays`` are mu/logvar/label (latents) or image/label (volumes)."""
+        i = self.count
+        if i >= self.n:
+            raise IndexError(f"file was created for {self.n} samples")
+        for name, value in arrays.items():
+            if value is None:
+                continue
+            if name not in self.h5:
+                raise KeyError(f"dataset {name!r} was not created for this file")
+            self.h5[name][i] = np.asarray(value)
+        self.h5["subject_id"][i] = subject_id
+        self.h5["class_index"][i] = class_index
+        self.h5["split"][i] = split
+        self.count += 1
+
+    def set_latent_stats(self, channel_mean, channel_std, scale_factor: float) -> None:
+        self.h5["channel_mean"][...] = np.asarray(channel_mean, dtype=np.float32)
+        self.h5["channel_std"][...] = np.asarray(channel_std, dtype=np.float32)
+        self.h5.attrs["scale_factor"] = float(scale_factor)
+
+
+def _write_header(h5: h5py.File, kind: str, header: Header) -> None:
+    h5.attrs["kind"] = kind
+    h5.attrs["format_version"] = FORMAT_VERSION
+    h5.attrs["grid_affine"] = np.asarray(header.grid_affine, dtype=np.float64)
+    h5.attrs["grid_shape"] = np.asarray(header.grid_shape, dtype=np.int64)
+    h5.attrs["class_names"] = json.dumps(list(header.class_names))
+    h5.attrs["label_names"] = json.dumps(list(header.label_names))
+    h5.attrs["settings"] = json.dumps(header.settings, sort_keys=True, default=str)
+    h5.attrs["vae_sha256"] = header.vae_sha256
+    if header.scale_factor is not None:
+        h5.attrs["scale_factor"] = float(header.scale_factor)
+
+
+def _create_rows(h5: h5py.File, n: int) -> None:
+    h5.create_dataset("subject_id", (n,), dtype=_STR)
+    h5.create_dataset("class_index", (n,), dtype=np.int64)
+    h5.create_dataset("split", (n,), dtype=_STR)
+
+
+def _create_array(h5: h5py.File, name: str, n: int, shape: Sequence[int], dtype) -> None:
+    shape = tuple(int(s) for s in shape)
+    h5.create_dataset(name, (n, *shape), dtype=dtype, chunks=(1, *shape) if n else None)
+
+
+@contextmanager
+def _create(path, kind: str, n: int, header: Header) -> Iterator[tuple[h5py.File, _Writer]]:
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as h5:
+            _write_header(h5, kind, header)
+            _create_rows(h5, n)
+            writer = _Writer(h5, n)
+            yield h5, writer
+            if writer.count != n:
+                raise RuntimeError(f"{path}: wrote {writer.count} of {n} samples")
+
+
+@contextmanager
+def create_latents(
+    path: str | os.PathLike,
+    n: int,
+    latent_shape: Sequence[int],
+    header: Header,
+    *,
+    with_logvar: bool = True,
+    label_shape: Sequence[int] | None = None,
+) -> Iterator[_Writer]:
+    """Create a latents file for ``n`` samples of ``latent_shape`` (C, d, h, w), atomically.
+
+    Append every sample with ``writer.append(subject_id, class_index, split, mu=..., logvar=...,
+    label=...)``; the file only appears at ``path`` if the block completes with all ``n`` written.
+    """
+    with _create(path, LATENTS, n, header) as (h5, writer):
+        _create_array(h5, "mu", n, latent_shape, np.float32)
+        if with_logvar:
+            _create_array(h5, "logvar", n, latent_shape, np.float32)
+        if label_shape is not None:
+            _create_array(h5, "label", n, label_shape, np.uint8)
+        h5.create_dataset("channel_mean", data=np.zeros(latent_shape[0], np.float32))
+        h5.create_dataset("channel_std", data=np.ones(latent_shape[0], np.float32))
+        yield writer
+
+
+@contextmanager
+def create_volumes(
+    path: str | os.PathLike, n: int, header: Header, *, with_labels: bool = False
+) -> Iterator[_Writer]:
+    """Create a volumes file for ``n`` images on ``header.grid_shape``, atomically."""
+    with _create(path, VOLUMES, n, header) as (h5, writer):
+        _create_array(h5, "image", n, header.grid_shape, np.float32)
+        if with_labels:
+            _create_array(h5, "label", n, header.grid_shape, np.uint8)
+        yield writer
+
+
+class H5File:
+    """A checked, read-only view of a medldm HDF5 file; arrays are read lazily by index.
+
+    ``f.mu[i]``, ``f.image[a:b]``, ``f.label`` (None when absent), ``f.subject_ids``,
+    ``f.class_index``, ``f.splits``, ``f.header``. Use as a context manager or call ``close()``.
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: str):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such HDF5 file")
+        try:
+            self.h5 = h5py.File(self.path, "r")
+        except OSError as err:
+            raise InputError(f"{self.path}: not a readable HDF5 file ({err})") from None
+        try:
+            self._check(kind)
+        except InputError:
+            self.h5.close()
+            raise
+        attrs = self.h5.attrs
+        self.header = Header(
+            grid_affine=np.asarray(attrs["grid_affine"], dtype=np.float64),
+            grid_shape=tuple(int(s) for s in attrs["grid_shape"]),
+            class_names=json.loads(attrs["class_names"]),
+            label_names=json.loads(attrs["label_names"]),
+            settings=json.loads(attrs["settings"]),
+            scale_factor=float(attrs["scale_factor"]) if "scale_factor" in attrs else None,
+            vae_sha256=str(attrs.get("vae_sha256", "")),
+        )
+        self.subject_ids = [s.decode() if isinstance(s, bytes) else s for s in self.h5["subject_id"][:]]
+        self.class_index = self.h5["class_index"][:]
+        self.splits = [s.decode() if isinstance(s, bytes) else s for s in self.h5["split"][:]]
+
+    def _check(self, kind: str) -> None:
+        attrs, where = self.h5.attrs, str(self.path)
+        found = attrs.get("kind")
+        if found != kind:
+            raise InputError(f"{where}: expected a medldm {kind} file, found kind={found!r}")
+        version = int(attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise InputError(
+                f"{where}: format version {version}, this medldm reads version {FORMAT_VERSION}; "
+                "re-create the file with this version of medldm"
+            )
+        missing = [k for k in _REQUIRED[kind] if k not in self.h5]
+        missing += [f"attribute {a}" for a in _REQUIRED_ATTRS if a not in attrs]
+        if kind == LATENTS and "scale_factor" not in attrs:
+            missing.append("attribute scale_factor")
+        if missing:
+            raise InputError(f"{where}: missing {', '.join(missing)}; the file is incomplete or not from medldm")
+        n = self.h5["subject_id"].shape[0]
+        main = "mu" if kind == LATENTS else "image"
+        for name in (main, "logvar", "label", "class_index", "split"):
+            if name in self.h5 and self.h5[name].shape[0] != n:
+                raise InputError(f"{where}: dataset {name} has {self.h5[name].shape[0]} rows, expected {n}")
+        if "logvar" in self.h5 and self.h5["logvar"].shape != self.h5["mu"].shape:
+            raise InputError(f"{where}: logvar shape {self.h5['logvar'].shape} != mu shape {self.h5['mu'].shape}")
+        if kind == VOLUMES and tuple(self.h5["image"].shape[1:]) != tuple(attrs["grid_shape"]):
+            raise InputError(f"{where}: image shape {self.h5['image'].shape[1:]} != grid_shape {tuple(attrs['grid_shape'])}")
+
+    def __getattr__(self, name: str):
+        if name in ("mu", "logvar", "label", "image", "channel_mean", "channel_std"):
+            return self.h5[name] if name in self.h5 else None
+        raise AttributeError(name)
+
+    def __len__(self) -> int:
+        return len(self.subject_ids)
+
+    def indices(self, split: str | None = None) -> np.ndarray:
+        """Row indices of one split (all rows when ``split`` is None)."""
+        return np.array([i for i, s in enumerate(self.splits) if split is None or s == split], dtype=np.int64)
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_latents(path: str | os.PathLike) -> H5File:
+    return H5File(path, LATENTS)
+
+
+def open_volumes(path: str | os.PathLike) -> H5File:
+    return H5File(path, VOLUMES)

@@ -1,0 +1,136 @@
+"""Preparation of one subject: load, check, reorient to RAS, resample, crop/pad around the head,
+normalise intensity, remap labels. The prepared affine is the true geometry of the new grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Spacing
+
+from medldm.errors import InputError
+
+
+@dataclass
+class Prepared:
+    image: np.ndarray  # (X, Y, Z) float32 in [0, 1]
+    label: np.ndarray | None  # (X, Y, Z) uint8, values 0..L-1
+    affine: np.ndarray  # (4, 4) voxel -> world (RAS mm) of the prepared grid
+    p_low: float  # intensity percentiles used for the normalisation (input units)
+    p_high: float
+
+
+def load_nifti_3d(path: str | Path, what: str = "image") -> nib.Nifti1Image:
+    """Load a NIfTI file and check it is a finite 3D volume (a trailing singleton axis is dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} file {path} does not exist")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # nibabel raises many types for corrupt files
+        raise InputError(f"{path}: cannot read as NIfTI ({err})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{path}: {what} must be a 3D volume, found shape {data.shape} ({data.ndim}D)")
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"{path}: {what} contains NaN or infinite values")
+    return nib.Nifti1Image(data, img.affine)
+
+
+def to_ras(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder and flip axes to the closest RAS orientation (no resampling)."""
+    canonical = nib.as_closest_canonical(img)
+    return np.asanyarray(canonical.dataobj), canonical.affine
+
+
+def resample(data: np.ndarray, affine: np.ndarray, spacing, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Resample to ``spacing`` mm with MONAI ``Spacing`` ('bilinear' images, 'nearest' labels)."""
+    tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(data, np.float32))[None], affine=torch.as_tensor(affine))
+    out = Spacing(pixdim=tuple(float(s) for s in spacing), mode=mode, padding_mode="zeros")(tensor)
+    return out[0].numpy(), out.affine.numpy().astype(np.float64)
+
+
+def head_mask(image: np.ndarray, threshold: float) -> np.ndarray:
+    """Voxels above ``threshold`` times the 99th percentile of the positive voxels."""
+    positive = image[image > 0]
+    if positive.size == 0:
+        return np.zeros(image.shape, bool)
+    return image > threshold * np.percentile(positive, 99)
+
+
+def crop_or_pad(data: np.ndarray, affine: np.ndarray, centre, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a ``shape`` box centred on voxel ``centre`` (zero padding outside); shifts the affine."""
+    start = np.round(np.asarray(centre) - np.asarray(shape) / 2.0).astype(int)
+    out = np.zeros(shape, dtype=data.dtype)
+    src = tuple(slice(max(s, 0), min(s + n, d)) for s, n, d in zip(start, shape, data.shape, strict=True))
+    dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start, strict=True))
+    out[dst] = data[src]
+    new_affine = affine.copy()
+    new_affine[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
+    return out, new_affine
+
+
+def normalise(image: np.ndarray, mask: np.ndarray, percentiles) -> tuple[np.ndarray, float, float]:
+    """Clip to the head's intensity percentiles and scale to [0, 1]; background stays 0."""
+    lo, hi = (float(v) for v in np.percentile(image[mask], percentiles))
+    if hi <= lo:
+        raise InputError(f"intensity percentiles {percentiles} are equal ({lo}); the image has no contrast")
+    out = np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    return out, lo, hi
+
+
+def remap_labels(label: np.ndarray, label_values: list[int], path: Path) -> np.ndarray:
+    """Map original label values (position = new index) to 0..L-1; unknown values are an error."""
+    values = np.unique(label)
+    unknown = sorted(set(values.tolist()) - set(label_values))
+    if unknown:
+        raise InputError(
+            f"{path}: label values {unknown} are not among the configured label values {label_values}; "
+            "add them to `labels`/`label_values` in the config"
+        )
+    lut = np.zeros(int(max(max(label_values), values.max())) + 1, dtype=np.uint8)
+    for index, value in enumerate(label_values):
+        lut[value] = index
+    return lut[label.astype(np.int64)]
+
+
+def prepare_subject(image_path, label_path, *, spacing, shape, percentiles, foreground_threshold,
+                    label_values: list[int] | None = None) -> Prepared:
+    """The whole preparation of one subject (see the module docstring)."""
+    img = load_nifti_3d(image_path, "image")
+    data, affine = to_ras(img)
+    if np.ptp(data) == 0:
+        raise InputError(f"{image_path}: image is constant ({data.flat[0]}); nothing to prepare")
+    image, new_affine = resample(data, affine, spacing, "bilinear")
+    mask = head_mask(image, foreground_threshold)
+    if not mask.any():
+        raise InputError(f"{image_path}: no head found above foreground_threshold {foreground_threshold}")
+    centre = np.argwhere(mask).mean(axis=0)
+    image, out_affine = crop_or_pad(image, new_affine, centre, shape)
+    mask, _ = crop_or_pad(mask, new_affine, centre, shape)
+    image, lo, hi = normalise(image, mask, percentiles)
+    label = None
+    if label_path:
+        label = _prepare_label(Path(label_path), img, spacing, new_affine, centre, shape, label_values)
+    return Prepared(image, label, out_affine, lo, hi)
+
+
+def _prepare_label(path: Path, img, spacing, image_affine, centre, shape, label_values) -> np.ndarray:
+    lab = load_nifti_3d(path, "label map")
+    if lab.shape != img.shape or not np.allclose(lab.affine, img.affine, atol=1e-3):
+        raise InputError(f"{path}: label map geometry {lab.shape} does not match its image {img.shape}")
+    data, affine = to_ras(lab)
+    if not np.allclose(data, np.round(data)):
+        raise InputError(f"{path}: label map has non-integer values")
+    data = remap_labels(np.round(data).astype(np.int64), label_values, path)
+    resampled, lab_affine = resample(data, affine, spacing, "nearest")
+    if not np.allclose(lab_affine, image_affine, atol=1e-3):
+        raise InputError(f"{path}: label map resampled to a different grid than its image")
+    out, _ = crop_or_pad(np.round(resampled).astype(np.uint8), lab_affine, centre, shape)
+    return out

@@ -1,0 +1,113 @@
+"""Run-time plumbing shared by the training and inference scripts: device, autocast, seeding,
+distributed (torchrun) set-up, logging and metric files."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` takes CUDA when present (the local rank's GPU under torchrun), else CPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            from medldm.errors import InputError
+
+            raise InputError("device 'cuda' requested but no GPU is visible; use --device cpu or auto")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return device
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA only; on CPU bf16 is ~500x slower than fp32, so never there."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group when launched by torchrun; returns (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+class MetricsLog:
+    """Appends metric rows to a CSV (and TensorBoard when available) in the run directory.
+
+    On resume, rows past the resumed step are dropped so the curve has no duplicates or gaps.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, resume_step: int = 0, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows = self._read_until(resume_step) if resume_step else []
+        self._rewrite()
+        self.tb = None
+        if tensorboard:
+            with contextlib.suppress(ImportError):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step or None)
+
+    def _read_until(self, step: int) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as fh:
+            return [r for r in csv.DictReader(fh) if int(float(r["step"])) <= step]
+
+    def _rewrite(self) -> None:
+        keys = sorted({k for r in self.rows for k in r} - {"step"})
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["step", *keys])
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, **metrics: float) -> None:
+        row = {"step": step, **{k: f"{float(v):.6g}" for k, v in metrics.items()}}
+        self.rows.append(row)
+        self._rewrite()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, float(value), step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

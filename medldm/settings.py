@@ -1,0 +1,37 @@
+"""Settings that rules pass to scripts: a JSON string on the command line, or a YAML/JSON file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from medldm.errors import InputError
+
+
+def load_settings(value: str) -> dict:
+    """Parse ``--settings``: inline JSON (what the rules pass) or the path of a YAML/JSON file."""
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"--settings is not valid JSON: {err}") from None
+    path = Path(value)
+    if not path.is_file():
+        raise InputError(f"--settings: {path} is neither inline JSON nor an existing YAML/JSON file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"--settings file {path} is not valid YAML/JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"--settings file {path} must hold a mapping of settings")
+    return data
+
+
+def require(settings: dict, key: str, where: str):
+    """A required settings key, or an InputError naming where it belongs."""
+    if key not in settings:
+        raise InputError(f"missing setting {key!r} in {where}")
+    return settings[key]

@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Prepare one subject: RAS, resampled, cropped/padded, intensity-normalised image (+ label map)."""
+
+from __future__ import annotations
+
+import argparse
+
+from medldm.errors import run_cli
+from medldm.io import save_nifti, write_json
+from medldm.prepare import prepare_subject
+from medldm.settings import load_settings
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--image", required=True, help="input NIfTI image")
+    parser.add_argument("--label", default="", help="input NIfTI label map (optional)")
+    parser.add_argument("--settings", required=True,
+                        help="the config's `prepare` section as JSON, or a YAML/JSON file")
+    parser.add_argument("--label-values", default="",
+                        help="comma-separated original label values, in the order of the config's labels")
+    parser.add_argument("--out-image", required=True)
+    parser.add_argument("--out-label", default="", help="required when --label is given")
+    parser.add_argument("--out-info", required=True, help="JSON with shape, spacing and percentiles")
+    args = parser.parse_args(argv)
+    settings = load_settings(args.settings)
+    if args.label and not args.out_label:
+        parser.error("--out-label is required with --label")
+    label_values = [int(v) for v in args.label_values.split(",") if v != ""]
+    prepared = prepare_subject(
+        args.image, args.label,
+        spacing=settings["spacing"], shape=settings["shape"], percentiles=settings["percentiles"],
+        foreground_threshold=settings["foreground_threshold"], label_values=label_values,
+    )
+    save_nifti(args.out_image, prepared.image, prepared.affine)
+    if prepared.label is not None:
+        save_nifti(args.out_label, prepared.label, prepared.affine)
+    write_json(args.out_info, {
+        "shape": list(prepared.image.shape),
+        "spacing": [float(s) for s in settings["spacing"]],
+        "p_low": prepared.p_low,
+        "p_high": prepared.p_high,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
