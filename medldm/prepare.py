@@ -8,9 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
-from monai.data import MetaTensor
-from monai.transforms import Spacing
+from scipy import ndimage
 
 from medldm.errors import InputError
 
@@ -49,11 +47,26 @@ def to_ras(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
     return np.asanyarray(canonical.dataobj), canonical.affine
 
 
-def resample(data: np.ndarray, affine: np.ndarray, spacing, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Resample to ``spacing`` mm with MONAI ``Spacing`` ('bilinear' images, 'nearest' labels)."""
-    tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(data, np.float32))[None], affine=torch.as_tensor(affine))
-    out = Spacing(pixdim=tuple(float(s) for s in spacing), mode=mode, padding_mode="zeros")(tensor)
-    return out[0].numpy(), out.affine.numpy().astype(np.float64)
+def resample(data: np.ndarray, affine: np.ndarray, spacing, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resample to ``spacing`` mm over the same field of view; returns (data, new affine).
+
+    ``order`` 1 (linear, with a Gaussian anti-aliasing prefilter when downsampling) for images,
+    0 (nearest) for label maps. Voxel centres follow the cell-centred convention: the grid's
+    outer edges stay where they were, so the new affine is the true geometry of the new grid.
+    """
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    scale = np.asarray(spacing, dtype=np.float64) / zooms  # output step in input voxels
+    shape = np.maximum(np.round(np.asarray(data.shape) / scale), 1).astype(int)
+    offset = 0.5 * scale - 0.5
+    data = np.asarray(data, np.float32)
+    if order > 0 and np.any(scale > 1):
+        data = ndimage.gaussian_filter(data, sigma=np.maximum((scale - 1) / 2, 0))
+    out = ndimage.affine_transform(data, scale, offset=offset, output_shape=tuple(shape), order=order,
+                                   mode="constant", cval=0.0)
+    step = np.eye(4)
+    step[:3, :3] = np.diag(scale)
+    step[:3, 3] = offset
+    return out, affine @ step
 
 
 def head_mask(image: np.ndarray, threshold: float) -> np.ndarray:
@@ -107,7 +120,7 @@ def prepare_subject(image_path, label_path, *, spacing, shape, percentiles, fore
     data, affine = to_ras(img)
     if np.ptp(data) == 0:
         raise InputError(f"{image_path}: image is constant ({data.flat[0]}); nothing to prepare")
-    image, new_affine = resample(data, affine, spacing, "bilinear")
+    image, new_affine = resample(data, affine, spacing, order=1)
     mask = head_mask(image, foreground_threshold)
     if not mask.any():
         raise InputError(f"{image_path}: no head found above foreground_threshold {foreground_threshold}")
@@ -129,7 +142,7 @@ def _prepare_label(path: Path, img, spacing, image_affine, centre, shape, label_
     if not np.allclose(data, np.round(data)):
         raise InputError(f"{path}: label map has non-integer values")
     data = remap_labels(np.round(data).astype(np.int64), label_values, path)
-    resampled, lab_affine = resample(data, affine, spacing, "nearest")
+    resampled, lab_affine = resample(data, affine, spacing, order=0)
     if not np.allclose(lab_affine, image_affine, atol=1e-3):
         raise InputError(f"{path}: label map resampled to a different grid than its image")
     out, _ = crop_or_pad(np.round(resampled).astype(np.uint8), lab_affine, centre, shape)

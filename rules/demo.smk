@@ -6,14 +6,17 @@ rule demo_cohort:
         sheet=f"{RESULTS}/demo/samples.tsv",
         images=expand(f"{RESULTS}/demo/images/{{subject}}.nii.gz", subject=SUBJECTS),
         labels=expand(f"{RESULTS}/demo/labels/{{subject}}.nii.gz", subject=SUBJECTS),
+    log:
+        f"{RESULTS}/logs/demo_cohort.log",
+    conda:
+        "../envs/cpu.yaml"
     params:
+        out_dir=lambda wildcards, output: os.path.dirname(output.sheet),
         n=config["demo"]["n_subjects"],
         seed=config["demo"]["seed"],
         lesion=config["demo"]["lesion_class"],
         resolution=config["demo"]["resolution_mm"],
-    log:
-        f"{RESULTS}/logs/demo_cohort.log",
     shell:
-        "python workflow_scripts/demo_cohort.py --out-dir {RESULTS}/demo --n-subjects {params.n}"
+        "python -m workflow_scripts.demo_cohort --out-dir {params.out_dir} --n-subjects {params.n}"
         " --seed {params.seed} --lesion-class {params.lesion} --resolution-mm {params.resolution}"
         " > {log} 2>&1"

@@ -17,13 +17,14 @@ from medldm.samplesheet import MANIFEST_COLUMNS, assign_splits, check_samples, r
 from medldm.settings import load_settings
 
 
-def build_manifest(sheet, prepared_dir: Path, split_settings: dict, classes: list[str]):
+def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list[str]):
     sheet = check_samples(sheet, classes, "sample sheet", check_files=False)
     sheet["split"] = assign_splits(sheet, split_settings["val_fraction"], split_settings["test_fraction"],
                                    split_settings["seed"])
+    folders = {path.parent.name: path.parent for path in infos}
     rows = []
     for _, row in sheet.iterrows():
-        folder = prepared_dir / row["subject_id"]
+        folder = folders[row["subject_id"]]
         info = json.loads((folder / "info.json").read_text())
         rows.append({
             "subject_id": row["subject_id"], "class": row["class"], "split": row["split"],
@@ -51,14 +52,15 @@ def write_montage(manifest, path: Path, per_class: int = 3) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", required=True, help="sample sheet TSV")
-    parser.add_argument("--prepared-dir", required=True, help="folder with one prepared folder per subject")
+    parser.add_argument("--infos", nargs="+", type=Path, required=True,
+                        help="every subject's prepared info.json (in <prepared>/<subject>/)")
     parser.add_argument("--split-settings", required=True, help="the config's `split` section (JSON)")
     parser.add_argument("--classes", default="", help="comma-separated class names")
     parser.add_argument("--out", required=True, help="manifest.tsv to write")
     parser.add_argument("--montage", default="", help="PNG montage of mid-slices per class (optional)")
     args = parser.parse_args(argv)
     classes = [c for c in args.classes.split(",") if c]
-    manifest = build_manifest(read_table(args.samples, "sample sheet"), Path(args.prepared_dir),
+    manifest = build_manifest(read_table(args.samples, "sample sheet"), args.infos,
                               load_settings(args.split_settings), classes)
     with atomic_path(args.out) as tmp:
         manifest.to_csv(tmp, sep="\t", index=False)

@@ -1,0 +1,50 @@
+"""PNG slice montages: one row per volume, one column per axis (mid-slices by default)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medldm.io import atomic_path
+
+AXES = ("sagittal", "coronal", "axial")  # RAS arrays: axis 0 = x (sagittal), 1 = y, 2 = z
+
+
+def mid_slice(volume: np.ndarray, axis: int, position: float = 0.5) -> np.ndarray:
+    """A 2D slice at a relative ``position`` along ``axis``, oriented for display (up = S or A)."""
+    index = min(int(position * volume.shape[axis]), volume.shape[axis] - 1)
+    return np.rot90(np.take(volume, index, axis=axis))
+
+
+def save_montage(path: str | Path, volumes: Sequence[np.ndarray], titles: Sequence[str],
+                 axes: Sequence[str] = AXES, vmax: float | None = 1.0, cmap: str = "gray") -> None:
+    """Write a montage of ``volumes`` (each (X, Y, Z), RAS) as a PNG, atomically.
+
+    ``vmax`` None scales each volume by its own maximum (label maps, reconstructions).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not volumes:
+        raise ValueError("save_montage needs at least one volume")
+    fig, grid = plt.subplots(len(volumes), len(axes), figsize=(2.2 * len(axes), 2.2 * len(volumes)),
+                             squeeze=False)
+    for row, (volume, title) in enumerate(zip(volumes, titles, strict=True)):
+        for col, name in enumerate(axes):
+            ax = grid[row][col]
+            ax.imshow(mid_slice(np.asarray(volume), AXES.index(name)), cmap=cmap, vmin=0,
+                      vmax=vmax if vmax is not None else float(np.max(volume)) or 1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(title, fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
