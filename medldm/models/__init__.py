@@ -1,0 +1,1 @@
+"""Diffusion backbones that MONAI does not provide."""
