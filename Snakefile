@@ -11,9 +11,17 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/prepare.smk"
+include: "rules/vae.smk"
+include: "rules/ldm.smk"
+include: "rules/sample.smk"
+include: "rules/decode.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.prepared.input,
+        rules.autoencoders.input,
+        rules.samples.input,
+        rules.report.output.html,

@@ -19,10 +19,12 @@ def mid_slice(volume: np.ndarray, axis: int, position: float = 0.5) -> np.ndarra
 
 
 def save_montage(path: str | Path, volumes: Sequence[np.ndarray], titles: Sequence[str],
-                 axes: Sequence[str] = AXES, vmax: float | None = 1.0, cmap: str = "gray") -> None:
+                 axes: Sequence[str] = AXES, vmax: float | None = 1.0, cmap: str = "gray",
+                 overlays: Sequence[np.ndarray] | None = None) -> None:
     """Write a montage of ``volumes`` (each (X, Y, Z), RAS) as a PNG, atomically.
 
     ``vmax`` None scales each volume by its own maximum (label maps, reconstructions).
+    ``overlays``: one map in [0, 1] per volume (e.g. saliency), drawn semi-transparent on top.
     """
     import matplotlib
 
@@ -38,6 +40,9 @@ def save_montage(path: str | Path, volumes: Sequence[np.ndarray], titles: Sequen
             ax = grid[row][col]
             ax.imshow(mid_slice(np.asarray(volume), AXES.index(name)), cmap=cmap, vmin=0,
                       vmax=vmax if vmax is not None else float(np.max(volume)) or 1.0)
+            if overlays is not None:
+                ax.imshow(mid_slice(np.asarray(overlays[row]), AXES.index(name)), cmap="jet", alpha=0.4,
+                          vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:

@@ -21,9 +21,9 @@ def load_settings(value: str) -> dict:
     path = Path(value)
     if not path.is_file():
         raise InputError(f"--settings: {path} is neither inline JSON nor an existing YAML/JSON file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+    try:  # JSON files by json: PyYAML reads JSON's 1e-06 as a string
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
         raise InputError(f"--settings file {path} is not valid YAML/JSON: {err}") from None
     if not isinstance(data, dict):
         raise InputError(f"--settings file {path} must hold a mapping of settings")

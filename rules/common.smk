@@ -5,6 +5,7 @@
 # settings reach scripts as `--settings {params.settings:q}` with params.settings = settings_json(...).
 import json
 import os
+import re
 import shlex
 
 import pandas as pd
@@ -108,3 +109,138 @@ def label_args(wildcards, input, output):
         return ""
     values = ",".join(str(v) for v in LABEL_VALUES)
     return f"--label {shlex.quote(input.label)} --out-label {shlex.quote(output.label)} --label-values {values}"
+
+
+# Diffusion and sampling (rules/ldm.smk, rules/sample.smk)
+def ldm_entry(name):
+    if name not in config["ldm"]:
+        raise WorkflowError(f"config: no ldm entry {name!r} (known: {sorted(config['ldm'])})")
+    return config["ldm"][name]
+
+
+def ldm_vae_dir(wildcards):
+    """results/vae/<name> of the autoencoder an ldm entry learns from."""
+    vae = ldm_entry(wildcards.ldm)["vae"]
+    if vae not in config["vae"]:
+        raise WorkflowError(f"config: ldm {wildcards.ldm!r} names vae {vae!r}, which is not in `vae`")
+    return f"{RESULTS}/vae/{vae}"
+
+
+def sample_set_json(wildcards):
+    """The settings of sample set {sample_set}, which must belong to ldm {ldm}."""
+    entry = config["sample_sets"].get(wildcards.sample_set)
+    if entry is None or entry["ldm"] != wildcards.ldm:
+        raise WorkflowError(
+            f"no sample set {wildcards.sample_set!r} of ldm {wildcards.ldm!r} in config `sample_sets`"
+        )
+    return settings_json(entry)
+
+
+def gpu_count(rule_name):
+    """GPUs a rule's resources ask for: `gpu: N`, `gres: gpu[:type]:N`, or 1 for `gpu_model` alone."""
+    res = rule_resources(rule_name)
+    if "gpu" in res:
+        return int(res["gpu"])
+    match = re.fullmatch(r"gpu(?::[^:]+)?:(\d+)", str(res.get("gres", "")))
+    return int(match.group(1)) if match else int("gpu_model" in res)
+
+
+def python_launcher(rule_name):
+    """`python`, or `torchrun` with one process per GPU when the rule asks for several (DDP)."""
+    n = gpu_count(rule_name)
+    return f"torchrun --standalone --nproc_per_node={n}" if n > 1 else "python"
+
+
+wildcard_constraints:
+    ldm="[A-Za-z0-9][A-Za-z0-9._-]*",
+    sample_set="[A-Za-z0-9][A-Za-z0-9._-]*",
+
+
+# Evaluation (rules/evaluate.smk)
+EVAL = f"{RESULTS}/eval"
+EVALUATE = config["evaluate"]
+CLASSIFIER = EVALUATE["classifier"]["enabled"] and len(config["classes"]) >= 2
+SALIENCY = CLASSIFIER and EVALUATE["classifier"]["saliency_subjects"] > 0
+_FID_FETCH_KEYS = ("weights", "allow_download", "allow_convert")
+
+
+def fid_settings(fetch):
+    """evaluate.fid split in two, so that changing dims or slices never re-fetches the weights
+    and changing the weights source never recomputes features."""
+    return {k: v for k, v in EVALUATE["fid"].items() if (k in _FID_FETCH_KEYS) == fetch}
+
+
+def sample_set_dirs(name):
+    """(samples folder, evaluation folder) of one sample set."""
+    ldm = config["sample_sets"][name]["ldm"]
+    return f"{RESULTS}/samples/{ldm}/{name}", f"{EVAL}/samples/{ldm}/{name}"
+
+
+def classifier_outputs():
+    outputs = {
+        "json": f"{EVAL}/samples/{{ldm}}/{{sample_set}}/classifier.json",
+        "csv": f"{EVAL}/samples/{{ldm}}/{{sample_set}}/classifier.csv",
+    }
+    if SALIENCY:
+        outputs["saliency"] = report(
+            f"{EVAL}/samples/{{ldm}}/{{sample_set}}/saliency.png",
+            caption="../report/saliency.rst",
+            category="Evaluation",
+            subcategory="{sample_set}",
+        )
+    return outputs
+
+
+def saliency_arg(wildcards, output):
+    return f"--saliency {shlex.quote(output.saliency)}" if SALIENCY else ""
+
+
+def report_index():
+    """What the report shows, by name: the --inputs JSON of workflow_scripts/report.py."""
+    index = {
+        "manifest": f"{PREPARED}/manifest.tsv",
+        "fid_weights": f"{EVAL}/fid_weights.json",
+        "vae": {
+            name: {
+                "model": f"{RESULTS}/vae/{name}/vae.pt",
+                "run_dir": f"{RESULTS}/runs/vae/{name}",
+                "reconstructions": f"{RESULTS}/vae/{name}/reconstructions/synthetic.h5",
+                "reconstruction": f"{EVAL}/vae/{name}/reconstruction.json",
+            }
+            for name in config.get("vae", {})
+        },
+        "ldm": {
+            name: {
+                "model": f"{RESULTS}/ldm/{name}/ldm.pt",
+                "run_dir": f"{RESULTS}/runs/ldm/{name}",
+            }
+            for name in config.get("ldm", {})
+        },
+        "sample_sets": {},
+    }
+    for name, sample_set in config.get("sample_sets", {}).items():
+        samples, evaluation = sample_set_dirs(name)
+        index["sample_sets"][name] = {
+            "ldm": sample_set["ldm"],
+            "volumes": f"{samples}/synthetic.h5",
+            "metrics": f"{evaluation}/image_metrics.json",
+            "classifier": f"{evaluation}/classifier.json" if CLASSIFIER else None,
+            "saliency": f"{evaluation}/saliency.png" if SALIENCY else None,
+        }
+    return index
+
+
+def report_inputs():
+    """Every file the report reads (the run directories' metrics.csv are read, not declared)."""
+    index = report_index()
+    files = {"manifest": index["manifest"], "fid_weights": index["fid_weights"]}
+    for kind in ("vae", "ldm"):
+        for name, entry in index[kind].items():
+            files[f"{kind}_{name}"] = entry["model"]
+            if kind == "vae":
+                files[f"reconstruction_{name}"] = entry["reconstruction"]
+    for name, entry in index["sample_sets"].items():
+        for key in ("volumes", "metrics", "classifier", "saliency"):
+            if entry[key]:
+                files[f"{key}_{name}"] = entry[key]
+    return files

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,10 +18,25 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+@functools.cache
+def random_torch_home() -> Path:
+    """A TORCH_HOME whose hub cache holds a random FID Inception: the workflow's FID steps run
+    pytorch-fid's real loading code offline, without touching the user's cache (numbers are not
+    real FIDs)."""
+    from medldm.fid import WEIGHTS_FILE, save_random_weights
+
+    home = Path(tempfile.mkdtemp(prefix="medldm-torch-home-"))
+    atexit.register(shutil.rmtree, home, True)
+    save_random_weights(home / "hub" / "checkpoints" / WEIGHTS_FILE)
+    return home
+
+
 def snakemake_env() -> dict:
-    """The test interpreter's folder first on PATH, so rules' `python` is the project's."""
+    """The test interpreter's folder first on PATH, so rules' `python` is the project's; a
+    TORCH_HOME with random FID Inception weights."""
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["TORCH_HOME"] = str(random_torch_home())
     return env
 
 
@@ -38,3 +57,16 @@ def run_snakemake(workdir: Path, *args: str, config: dict | None = None, timeout
 def test_config() -> dict:
     """A fresh copy of config/test.yaml (the tiny end-to-end configuration)."""
     return yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The whole workflow run once on config/test.yaml (session-wide); returns its work folder.
+
+    End-to-end tests share it: inspect its outputs, or dry-run new targets in it (never modify
+    its files in a test that others rely on).
+    """
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    config = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    run_snakemake(workdir, "--cores", "2", config=config, timeout=1200)
+    return workdir

@@ -20,8 +20,8 @@ def phantom(shape=(40, 48, 36)):
     """An ellipsoid 'head' with an off-centre bright blob and a 3-class label map, in RAS at 1 mm."""
     grid = np.indices(shape).astype(np.float32)
     centre = (np.array(shape) - 1) / 2
-    r = sum(((g - c) / (0.4 * s)) ** 2 for g, c, s in zip(grid, centre, shape))
-    blob = sum((g - c) ** 2 for g, c in zip(grid, centre + [6, 5, -4])) < 16
+    r = sum(((g - c) / (0.4 * s)) ** 2 for g, c, s in zip(grid, centre, shape, strict=True))
+    blob = sum((g - c) ** 2 for g, c in zip(grid, centre + [6, 5, -4], strict=True)) < 16
     image = np.where(r < 1, 100.0 + 10 * grid[0], 0.0) + 300.0 * blob
     label = np.where(r < 1, 1, 0) + blob
     affine = np.diag([1.0, 1.0, 1.0, 1.0])

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import nibabel as nib
-import pandas as pd
 import numpy as np
+import pandas as pd
 
 from medldm.errors import run_cli
 from medldm.io import atomic_path

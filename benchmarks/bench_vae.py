@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Autoencoder training throughput (volumes per second) of ``train_vae``'s loop
+(``medldm.vae_training.VAETrainer``: exact-resume batching, stop-flag polling, clipping, loss
+bookkeeping, progress bar) against a bare MONAI loop (DataLoader, forward, L1 + KL, AdamW step)
+on the same AutoencoderKL, volumes and batch size, in one run. Target ratio >= 0.95.
+
+    python benchmarks/bench_vae.py --out results/bench/vae.json
+
+The model and training settings are the demo's ``vae`` entry of config/config.yaml (or --config /
+--vae); the volumes are random, of --shape. Rounds alternate ours and bare, so a load change on a
+shared machine hits both; each side's throughput is the median over its epochs after the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from monai.data import DataLoader
+from snakemake.utils import validate
+from torch.utils.data import TensorDataset
+
+from medldm import autoencoder as ae
+from medldm.data import PreparedSet
+from medldm.io import write_json
+from medldm.vae_training import VAETrainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def vae_settings(config_path: Path, name: str | None) -> dict:
+    """The config's vae entry (schema defaults filled); the first one when ``name`` is None."""
+    config = yaml.safe_load(config_path.read_text())
+    validate(config, str(REPO / "config" / "schemas" / "config.schema.yaml"))
+    entries = config["vae"]
+    return entries[name or next(iter(entries))]
+
+
+def ours(settings: dict, data: PreparedSet, epochs: int, workdir: Path) -> list[float]:
+    """Volumes per second of each epoch of VAETrainer (its own timer spans every step of the epoch)."""
+    train = {**settings["train"], "epochs": epochs, "val_every": 10**9, "checkpoint_every": 10**9,
+             "montage_subjects": 0}
+    cfg = {**settings, "paired_labels": False, "train": train}
+    VAETrainer(cfg, data, data.subset("val"), workdir, 0, torch.device("cpu")).run()
+    with open(workdir / "metrics.csv") as fh:
+        return [float(row["train/volumes_per_s"]) for row in csv.DictReader(fh)]
+
+
+def bare(settings: dict, data: PreparedSet, epochs: int) -> list[float]:
+    """The MONAI tutorial loop on the same model, data and batch size."""
+    torch.manual_seed(settings["train"]["seed"])
+    model = ae.build_autoencoder(settings["model"], 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings["train"]["lr"])
+    loader = DataLoader(TensorDataset(data.images), batch_size=settings["train"]["batch_size"], shuffle=True)
+    rates = []
+    for _ in range(epochs):
+        tic, count = time.perf_counter(), 0
+        for (x,) in loader:
+            recon, mu, sigma = model(x)
+            loss = torch.nn.functional.l1_loss(recon, x) + settings["loss"]["kl_weight"] * ae.kl_loss(mu, sigma)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            count += len(x)
+            loss.item()
+        rates.append(count / (time.perf_counter() - tic))
+    return rates
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=REPO / "config" / "config.yaml")
+    parser.add_argument("--vae", help="vae entry of the config (default: the first)")
+    parser.add_argument("--shape", type=int, nargs=3, default=[40, 48, 40])
+    parser.add_argument("--volumes", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=3, help="per side and round; the first is warm-up")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, help="JSON file for the figures")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    settings = vae_settings(args.config, args.vae)
+    images = torch.from_numpy(np.random.default_rng(0).random((args.volumes, 1, *args.shape), dtype=np.float32))
+    data = PreparedSet([f"b{i}" for i in range(args.volumes)], np.zeros(args.volumes, np.int64),
+                       ["train"] * args.volumes, images, None, np.eye(4))
+    ours_rates, bare_rates = [], []
+    for r in range(args.rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            ours_rates += ours(settings, data, args.epochs, Path(tmp) / "run")[1:]
+        bare_rates += bare(settings, data, args.epochs)[1:]
+        print(f"round {r + 1}: ours {ours_rates[-1]:.3f} vol/s, bare {bare_rates[-1]:.3f} vol/s", file=sys.stderr)
+    result = {
+        "model_channels": settings["model"]["channels"], "shape": args.shape,
+        "batch_size": settings["train"]["batch_size"], "threads": torch.get_num_threads(),
+        "ours_volumes_per_s": statistics.median(ours_rates), "bare_volumes_per_s": statistics.median(bare_rates),
+    }
+    result["ratio"] = result["ours_volumes_per_s"] / result["bare_volumes_per_s"]
+    result["pass"] = result["ratio"] >= 0.95
+    print(json.dumps(result, indent=2))
+    if args.out:
+        write_json(args.out, result)
+    return 0 if result["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

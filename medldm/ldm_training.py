@@ -1,0 +1,298 @@
+"""Training loop of the latent diffusion model (rule ``train_ldm``).
+
+The whole latent set is read once into (device) memory; each step draws a batch by index, so the
+data path never waits on disk. Randomness is re-seeded from (seed, rank, step) at every step: a
+resumed run continues exactly as an uninterrupted one, and DDP ranks draw different batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from medldm import diffusion
+from medldm.checkpoint import Checkpoints, StopFlag
+from medldm.ema import EMA
+from medldm.errors import EXIT_INTERRUPTED, InputError
+from medldm.h5layout import Header, open_latents
+from medldm.models.factory import build_diffusion_model, check_latent_shape
+from medldm.provenance import code_version, config_hash, sha256_file
+from medldm.runtime import MetricsLog, autocast, init_distributed, is_main_process, seed_everything
+from medldm.vae_training import claim_run_dir
+
+log = logging.getLogger(__name__)
+
+# train settings a run may change and still resume (more steps continue it, as more epochs do a VAE's)
+_RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_every", "compile")
+_VAL_SAMPLES = 64  # latents (with repeats) per validation loss, so the curve is not too noisy
+
+
+@dataclass
+class LatentSet:
+    """Latents of the chosen splits, unscaled, in memory.
+
+    mu, std: (N, C, d, h, w) float32 posterior mean and std (std None unless posterior sampling);
+    labels: (N,) long class labels, the null class (K) where the file has no class.
+    """
+
+    mu: torch.Tensor
+    std: torch.Tensor | None
+    labels: torch.Tensor
+    header: Header
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.header.class_names)
+
+
+def load_latent_set(path: str | os.PathLike, splits, posterior: bool = False) -> LatentSet:
+    """Read the rows of ``splits`` from a latents HDF5 file (via ``medldm.h5layout``)."""
+    with open_latents(path) as f:
+        idx = np.sort(np.concatenate([f.indices(s) for s in splits]))
+        if len(idx) == 0:
+            raise InputError(f"{path}: no latents in split(s) {list(splits)}; check the ldm train `splits`")
+        if posterior and f.logvar is None:
+            raise InputError(f"{path} has no logvar: set ldm train latent_sampling to 'mean'")
+        mu = torch.from_numpy(f.mu[idx])
+        std = torch.from_numpy(np.exp(0.5 * f.logvar[idx])) if posterior else None
+        k = len(f.header.class_names)
+        cls = f.class_index[idx]
+        if cls.max(initial=-1) >= k:
+            raise InputError(f"{path}: class index {cls.max()} but only {k} class names")
+        labels = torch.from_numpy(np.where(cls < 0, k, cls)).long()
+        return LatentSet(mu=mu, std=std, labels=labels, header=f.header)
+
+
+def batch_weights(labels: torch.Tensor, balance: bool) -> torch.Tensor:
+    """(N,) sampling weights: equal per class when ``balance`` (every class drawn equally often)."""
+    if not balance:
+        return torch.ones(len(labels))
+    counts = torch.bincount(labels)
+    return 1.0 / counts[labels].float()
+
+
+def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+class Trainer:
+    """One training run. ``run()`` returns 0 when done, ``EXIT_INTERRUPTED`` after a stop request.
+
+    Args:
+        settings: an ``ldm`` config entry (``model``, ``strategy``, ``train``; keys as in the schema).
+        latents_path: the autoencoder's latents HDF5; vae_path: its ``vae.pt`` (checked against the
+            sha256 the latents file records).
+        run_dir: checkpoints, metrics.csv, tensorboard (not a workflow output); out_path: ``ldm.pt``.
+        stop: polled once per step (a ``StopFlag``); when true the run checkpoints and returns.
+    """
+
+    def __init__(self, settings: dict, latents_path, vae_path, run_dir, out_path,
+                 device: torch.device, stop: StopFlag | None = None, progress: bool = True):
+        self.settings, self.device, self.stop, self.progress = settings, device, stop, progress
+        self.cfg = settings["train"]
+        self.run_dir, self.out_path = Path(run_dir), Path(out_path)
+        self.rank, self.world = init_distributed()
+        self.latents_path, self.vae_path = Path(latents_path), vae_path
+        self._load_data()
+        self._build()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        mode = cfg["latent_sampling"]
+        if mode not in ("mean", "posterior"):
+            raise InputError(f"ldm train latent_sampling {mode!r} must be 'mean' or 'posterior'")
+        data = load_latent_set(self.latents_path, cfg["splits"], posterior=mode == "posterior")
+        self.header = data.header
+        if not data.header.scale_factor or data.header.scale_factor <= 0:
+            raise InputError(f"{self.latents_path}: scale_factor {data.header.scale_factor} is not positive")
+        self.latents_sha256 = sha256_file(self.latents_path)
+        self.vae_sha256 = data.header.vae_sha256
+        if self.vae_path is not None:
+            found = sha256_file(self.vae_path)
+            if self.vae_sha256 and found != self.vae_sha256:
+                raise InputError(f"{self.latents_path} was exported with another autoencoder than "
+                                 f"{self.vae_path}; rerun export_latents")
+            self.vae_sha256 = found
+        self.num_classes, self.null_class = data.num_classes, data.num_classes
+        self.latent_shape = tuple(data.mu.shape[1:])
+        check_latent_shape(self.settings["model"], self.latent_shape)
+        self.mu = data.mu.to(self.device)
+        self.std = None if data.std is None else data.std.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.weights = batch_weights(data.labels, cfg["balance_classes"]).to(self.device)
+        with open_latents(self.latents_path) as f:
+            has_val = "val" in f.splits and "val" not in cfg["splits"]
+        self.val_mu = self.val_labels = None
+        if has_val:  # validation loss on the held-out posterior means
+            val = load_latent_set(self.latents_path, ["val"])
+            self.val_mu, self.val_labels = val.mu.to(self.device), val.labels.to(self.device)
+        log.info("training on %d latents of shape %s (%d classes)", len(self.mu), self.latent_shape, self.num_classes)
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg["seed"])
+        self.strategy = diffusion.build_strategy(self.settings["strategy"])
+        self.min_snr_gamma = self.settings["strategy"].get("min_snr_gamma")
+        self.model = build_diffusion_model(self.settings["model"], self.latent_shape[0], self.num_classes)
+        self.model.to(self.device)
+        self.ema = EMA(self.model, cfg["ema_decay"])
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"],
+                                           weight_decay=cfg["weight_decay"])
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_lr(s, cfg["steps"], cfg["warmup_steps"], cfg["min_lr_ratio"]))
+        if is_main_process():
+            claim_run_dir(self.run_dir, config_hash({
+                "model": self.settings["model"], "strategy": self.settings["strategy"],
+                "train": {k: v for k, v in cfg.items() if k not in _RESUMABLE},
+                "latents_sha256": self.latents_sha256,
+            }))
+        if self.world > 1:
+            torch.distributed.barrier()
+        self.start = self._resume()
+        self.net = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cfg["compile"]:
+            if self.device.type == "cuda":
+                self.net = torch.compile(self.net)
+            else:
+                log.info("torch.compile skipped on CPU (about 1.03x there, after minutes of compiling)")
+
+    def _resume(self) -> int:
+        state = Checkpoints(self.run_dir).load_latest(map_location=self.device)
+        if state is None:
+            return 0
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        return int(state["step"])
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (B, C, d, h, w) batch of scaled latents and its (B,) labels, class-dropout applied."""
+        # drawn on the device: a host-to-GPU copy every step would stall the GPU queue
+        idx = torch.multinomial(self.weights, self.cfg["batch_size"], replacement=True)
+        x0 = self.mu[idx]
+        if self.std is not None:
+            x0 = x0 + self.std[idx] * torch.randn_like(x0)
+        labels = diffusion.drop_labels(self.labels[idx], self.cfg["class_dropout"], self.null_class)
+        return x0 * self.header.scale_factor, labels
+
+    def _train_step(self) -> torch.Tensor:
+        x0, labels = self._batch()
+        with autocast(self.device, self.cfg["bf16"]):
+            loss = diffusion.diffusion_loss(self.net, self.strategy, x0, labels, self.min_snr_gamma)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg["grad_clip"]:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.ema.update()
+        return loss.detach()
+
+    @torch.no_grad()
+    def val_loss(self) -> float:
+        """Loss of the EMA model on the validation latents (posterior means), fixed noise and times."""
+        torch.manual_seed(self.cfg["seed"])
+        model = self.ema.module
+        bs, n = self.cfg["batch_size"], len(self.val_mu)
+        x_all = self.val_mu.repeat(math.ceil(_VAL_SAMPLES / n), 1, 1, 1, 1) * self.header.scale_factor
+        y_all = self.val_labels.repeat(math.ceil(_VAL_SAMPLES / n))
+        total = 0.0
+        for i in range(0, len(x_all), bs):
+            x0, y = x_all[i:i + bs], y_all[i:i + bs]
+            with autocast(self.device, self.cfg["bf16"]):
+                total += float(diffusion.diffusion_loss(model, self.strategy, x0, y, self.min_snr_gamma)) * len(x0)
+        return total / len(x_all)
+
+    def _should_stop(self, step: int) -> bool:
+        """Single process: the stop flag. DDP: any rank's flag, agreed at log steps only (one sync)."""
+        flag = bool(self.stop)
+        if self.world == 1:
+            return flag
+        if step % self.cfg["log_every"]:
+            return False
+        agreed = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(agreed)
+        return bool(agreed.item())
+
+    def run(self) -> int:
+        cfg, main = self.cfg, is_main_process()
+        total, step = cfg["steps"], self.start
+        metrics = MetricsLog(self.run_dir, resume_step=step) if main else None
+        if step:
+            log.info("resumed at step %d of %d from %s", step, total, self.run_dir)
+        bar = tqdm(total=total, initial=step, desc="train_ldm",  # off when not a TTY: log lines instead
+                   disable=None if main and self.progress else True)
+        running, count, tic = torch.zeros((), device=self.device), 0, time.perf_counter()
+        self.model.train()
+        while step < total:
+            torch.manual_seed(_step_seed(cfg["seed"], self.rank, step))
+            running += self._train_step()
+            step, count = step + 1, count + 1
+            bar.update()
+            if main and (step % cfg["log_every"] == 0 or step == total):
+                loss, rate = float(running) / count, count / (time.perf_counter() - tic)
+                values = {"loss": loss, "lr": self.lr_schedule.get_last_lr()[0], "steps_per_s": rate}
+                if self.val_mu is not None and (step % cfg["val_every"] == 0 or step == total):
+                    values["val_loss"] = self.val_loss()
+                    self.model.train()
+                metrics.log(step, **values)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if bar.disable:
+                    log.info("step %d/%d %s", step, total, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+                running.zero_()
+                count, tic = 0, time.perf_counter()
+            stopping = self._should_stop(step)
+            if main and (stopping or step % cfg["checkpoint_every"] == 0 or step == total):
+                self._checkpoint(step)
+            if stopping and step < total:
+                log.warning("stopped at step %d; checkpoint written, a rerun resumes", step)
+                bar.close()
+                return EXIT_INTERRUPTED
+        bar.close()
+        if main:
+            self._save_final(step)
+            metrics.close()
+        return 0
+
+    def _checkpoint(self, step: int) -> None:
+        Checkpoints(self.run_dir).save(step, {
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+        })
+
+    def _save_final(self, step: int) -> None:
+        h = self.header
+        diffusion.save_ldm(
+            self.out_path, model_state=self.model.state_dict(), ema_state=self.ema.module.state_dict(),
+            settings=self.settings, scale_factor=h.scale_factor, latent_shape=self.latent_shape,
+            class_names=h.class_names, label_names=h.label_names, grid_affine=h.grid_affine,
+            grid_shape=h.grid_shape, vae_sha256=self.vae_sha256, latents_sha256=self.latents_sha256,
+            step=step, provenance={
+                "config_hash": config_hash(self.settings), "code_version": code_version(),
+                "inputs_sha256": {"latents": self.latents_sha256, "vae": self.vae_sha256},
+            },
+        )
+        log.info("wrote %s", self.out_path)

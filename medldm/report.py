@@ -1,0 +1,415 @@
+"""The run report: one self-contained HTML page (images embedded as base64 PNG, no external files)
+and the figures it shows, written as PNG files so Snakemake's ``report()`` can register them too.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medldm.io import atomic_path
+from medldm.montage import AXES
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{border-bottom:2px solid #345}h2{margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.6em 0 1.2em}th,td{border:1px solid #ccc;padding:3px 8px;
+text-align:right;font-size:13px}th{background:#eef}td:first-child,th:first-child{text-align:left}
+img{max-width:100%;border:1px solid #ddd;margin:.3em 0}figure{margin:0 0 1em}
+figcaption{font-size:12px;color:#555}pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:12px}
+.warn{color:#a40;font-size:13px}.note{color:#555;font-size:13px}
+"""
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    plt = _pyplot()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def data_uri(path: str | os.PathLike) -> str:
+    """A PNG file as a ``data:`` URI, so the page needs no other file."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def fmt(value, digits: int = 4) -> str:
+    """A table cell: numbers to ``digits`` significant digits, NaN/None as an en dash."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return html.escape(str(value))
+
+
+def table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """An HTML table of ``rows`` with ``columns`` given as (key, header) pairs."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h in columns)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(k))}</td>" for k, _ in columns) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+@dataclass
+class Section:
+    """One titled part of the page: HTML fragments and figures (PNG paths) with captions."""
+
+    title: str
+    parts: list[str] = field(default_factory=list)
+
+    def text(self, text: str, css: str = "note") -> None:
+        self.parts.append(f'<p class="{css}">{html.escape(text)}</p>')
+
+    def html(self, fragment: str) -> None:
+        self.parts.append(fragment)
+
+    def figure(self, path: str | os.PathLike, caption: str = "") -> None:
+        cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+        self.parts.append(f'<figure><img src="{data_uri(path)}" alt="{html.escape(caption or Path(path).stem)}">'
+                          f"{cap}</figure>")
+
+    def pre(self, text: str) -> None:
+        self.parts.append(f"<pre>{html.escape(text)}</pre>")
+
+
+def render(title: str, sections: Sequence[Section], subtitle: str = "") -> str:
+    """The whole page as one HTML string."""
+    nav = "".join(f'<li><a href="#s{i}">{html.escape(s.title)}</a></li>' for i, s in enumerate(sections))
+    body = "".join(f'<h2 id="s{i}">{html.escape(s.title)}</h2>' + "".join(s.parts) for i, s in enumerate(sections))
+    sub = f'<p class="note">{html.escape(subtitle)}</p>' if subtitle else ""
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{sub}<ul>{nav}</ul>{body}"
+            "</body></html>\n")
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def plot_curves(metrics_csv: str | os.PathLike, title: str, path: str | os.PathLike) -> Path | None:
+    """Training curves from a ``MetricsLog`` CSV (step + one column per metric), one panel per
+    metric; None when the file is missing or empty."""
+    metrics_csv = Path(metrics_csv)
+    if not metrics_csv.is_file():
+        return None
+    with open(metrics_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    names = [k for k in (rows[0] if rows else {}) if k != "step"]
+    if not names:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(names))
+    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(4 * cols, 2.6 * math.ceil(len(names) / cols)),
+                             squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        points = [(float(r["step"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
+        if points:
+            x, y = zip(*points, strict=True)
+            ax.plot(x, y, lw=1)
+            if min(y) > 0 and max(y) / min(y) > 50:
+                ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_fid(fid_rows: dict[str, list[dict]], path: str | os.PathLike, key: str = "fid",
+             label: str = "FID") -> Path:
+    """Bars of ``key`` per axis (and their mean) for each sample set and group."""
+    plt = _pyplot()
+    series = [(f"{name} / {r['group']}", r) for name, rows in fid_rows.items() for r in rows]
+    labels = sorted({s for s, _ in series}, key=[s for s, _ in series].index)
+    positions = [*AXES, "mean"]
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for i, lab in enumerate(labels):
+        values = {r["axis"]: r.get(key, np.nan) for s, r in series if s == lab}
+        ax.bar(np.arange(len(positions)) + i * width, [values.get(p, np.nan) for p in positions], width, label=lab)
+    ax.set_xticks(np.arange(len(positions)) + width * (len(labels) - 1) / 2, positions)
+    ax.set_ylabel(label)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def plot_msssim(diversity: dict[str, dict], path: str | os.PathLike) -> Path:
+    """Mean +- std MS-SSIM among synthetic pairs and among real pairs, per sample set and group."""
+    plt = _pyplot()
+    bars = []
+    for name, d in diversity.items():
+        for kind in ("real", "synthetic"):
+            for group, s in d.get(kind, {}).items():
+                bars.append((f"{name}\n{group} {kind}", s["mean"], s["std"], kind))
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(bars)), 3.2))
+    colours = {"real": "#4a7", "synthetic": "#47a"}
+    ax.bar(range(len(bars)), [b[1] for b in bars], yerr=[b[2] for b in bars],
+           color=[colours[b[3]] for b in bars], capsize=3)
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+    ax.set_ylabel("MS-SSIM among pairs")
+    ax.set_ylim(0, 1)
+    return save_figure(fig, path)
+
+
+def plot_classifier(arms: dict[str, dict], path: str | os.PathLike) -> Path:
+    """Each arm's metrics with bootstrap 95 % intervals, one panel per metric."""
+    plt = _pyplot()
+    metrics = ("accuracy", "balanced_accuracy", "roc_auc")
+    labels = list(arms)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for i, arm in enumerate(labels):
+            m = arms[arm]["metrics"][metric]
+            low, high = m["value"] - m["ci_low"], m["ci_high"] - m["value"]
+            ax.errorbar([i], [m["value"]], yerr=[[max(low, 0)], [max(high, 0)]], fmt="o", capsize=4)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.axhline(0.5, color="#999", lw=0.6, ls="--")
+        ax.set_title(metric.replace("_", " "), fontsize=9)
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def _load_json(path) -> dict | None:
+    import json
+
+    return json.loads(Path(path).read_text()) if path and Path(path).is_file() else None
+
+
+def _montages_per_class(section: Section, figures: Path, stem: str, images, class_index, names: list[str],
+                        titles: list[str], per_class: int, what: str) -> None:
+    """One montage (rows = volumes, columns = axes) per class, or one when there are no classes."""
+    from medldm.montage import save_montage
+
+    class_index = np.asarray(class_index)
+    groups = [(n, np.flatnonzero(class_index == i)) for i, n in enumerate(names)] or [("all", np.arange(len(titles)))]
+    for name, rows in groups:
+        rows = rows[:per_class]
+        if len(rows):
+            path = figures / f"{stem}_{name}.png"
+            save_montage(path, [np.asarray(images[i]) for i in rows], [titles[i] for i in rows])
+            section.figure(path, f"{what}, class {name}: mid-slices on three axes")
+
+
+def _fid_section(metrics: dict[str, dict], figures: Path) -> Section:
+    section = Section("FID and KID (per-slice, three axes)")
+    first = next(iter(metrics.values()))
+    fid, spec, weights = first["fid"], first["fid"]["slice_spec"], first["fid"]["weights"]
+    every = f"{spec['slices_per_volume']} evenly spaced" if spec["slices_per_volume"] else "all"
+    section.text(f"pytorch-fid InceptionV3, {fid['dims']}-d features of 8-bit slices repeated to 3 channels: {every} "
+                 f"slices of the central {spec['central_fraction']:.0%} of each axis, slices with less than "
+                 f"{spec['min_foreground']:.0%} of pixels above {spec['empty_threshold']} dropped. Weights: "
+                 f"{weights['source']} (sha256 {weights['sha256'][:12]}). Real reference: the {first['real_split']} "
+                 f"split ({first['n_volumes']['real']} volumes).")
+    rows = [{"set": name, **r} for name, m in metrics.items() for r in m["fid"]["rows"]]
+    columns = [("set", "sample set"), ("group", "group"), ("axis", "axis"), ("fid", "FID"),
+               ("kid_mean", "KID"), ("kid_std", "KID std"), ("n_real", "real slices"),
+               ("n_synthetic", "synthetic slices"), ("rank_deficient", "slices < dims")]
+    section.html(table(rows, columns))
+    if any(r["rank_deficient"] for r in rows):
+        section.text("Fewer slices than feature dimensions: covariances are rank-deficient, FID is biased "
+                     "upwards and comparable only between runs with the same slice counts.", "warn")
+    section.figure(plot_fid({n: m["fid"]["rows"] for n, m in metrics.items()}, figures / "fid.png"),
+                   "FID per axis and mean, per sample set and class (all = pooled)")
+    if any("kid_mean" in r for r in rows):
+        section.figure(plot_fid({n: m["fid"]["rows"] for n, m in metrics.items()}, figures / "kid.png",
+                                key="kid_mean", label="KID"), "KID per axis and mean")
+    return section
+
+
+def _msssim_section(metrics: dict[str, dict], recon: dict[str, dict], figures: Path) -> Section:
+    section = Section("Diversity (MS-SSIM) and autoencoder fidelity")
+    if metrics:
+        rows = [{"set": name, "kind": kind, "group": group, **s}
+                for name, m in metrics.items() for kind in ("synthetic", "real")
+                for group, s in m["msssim"][kind].items()]
+        kernel = next(iter(metrics.values()))["msssim"]
+        section.text(f"MS-SSIM among pairs of volumes (3D, kernel {kernel['kernel_size']}, "
+                     f"{len(kernel['scale_weights'])} scales); lower means more diverse. Synthetic pairs should "
+                     "be about as diverse as real pairs: much higher suggests mode collapse.")
+        section.html(table(rows, [("set", "sample set"), ("kind", "pairs of"), ("group", "group"),
+                                  ("mean", "mean MS-SSIM"), ("std", "std"), ("n", "pairs")]))
+        section.figure(plot_msssim({n: m["msssim"] for n, m in metrics.items()}, figures / "msssim.png"),
+                       "MS-SSIM among pairs: real (green) and synthetic (blue), mean and std")
+    if recon:
+        section.text("Autoencoder reconstructions of the real test subjects (data range 1):")
+        section.html(table([{"vae": n, "n": r["n"], "ssim": r["ssim"]["mean"], "ssim_std": r["ssim"]["std"],
+                             "psnr": r["psnr"]["mean"], "psnr_std": r["psnr"]["std"]} for n, r in recon.items()],
+                           [("vae", "autoencoder"), ("n", "subjects"), ("ssim", "SSIM"), ("ssim_std", "std"),
+                            ("psnr", "PSNR (dB)"), ("psnr_std", "std")]))
+    return section
+
+
+def _classifier_section(results: dict[str, dict], figures: Path, saliency: dict[str, str]) -> Section:
+    section = Section("Classifier: train on synthetic, test on real")
+    section.text("One 3D classifier per arm, same network, seed and number of steps; all tested on the real "
+                 "test subjects. Intervals: percentile bootstrap 95 % over test subjects.")
+    rows = []
+    for name, r in results.items():
+        for arm, a in r["arms"].items():
+            row = {"set": name, "arm": arm, "n_train": a["n_train"], "n_test": r["n_test"]}
+            for metric, m in a["metrics"].items():
+                row[metric] = m["value"]
+                row[f"{metric}_ci"] = f"{fmt(m['ci_low'], 3)} – {fmt(m['ci_high'], 3)}"
+            rows.append(row)
+        section.figure(plot_classifier(r["arms"], figures / f"classifier_{name}.png"),
+                       f"{name}: metrics per arm with 95 % intervals (dashed: chance for two classes)")
+        if saliency.get(name) and Path(saliency[name]).is_file():
+            section.figure(saliency[name], f"{name}: Grad-CAM of test subjects per arm")
+    section.html(table(rows, [("set", "sample set"), ("arm", "trained on"), ("n_train", "train volumes"),
+                              ("n_test", "test subjects"), ("accuracy", "accuracy"), ("accuracy_ci", "95 % CI"),
+                              ("balanced_accuracy", "balanced acc."), ("balanced_accuracy_ci", "95 % CI"),
+                              ("roc_auc", "ROC AUC"), ("roc_auc_ci", "95 % CI")]))
+    return section
+
+
+def _summary_section(sets: dict, metrics: dict, classifier: dict) -> Section:
+    section = Section("Summary")
+    rows = []
+    for name, s in sets.items():
+        row = {"set": name, "ldm": s.get("ldm")}
+        if name in metrics:
+            pooled = {r["axis"]: r for r in metrics[name]["fid"]["rows"] if r["group"] == "all"}
+            row |= {f"fid_{a}": pooled[a]["fid"] for a in (*AXES, "mean")}
+            row["kid"] = pooled["mean"].get("kid_mean")
+            row["msssim_synthetic"] = metrics[name]["msssim"]["synthetic"]["all"]["mean"]
+            row["msssim_real"] = metrics[name]["msssim"]["real"]["all"]["mean"]
+        for arm, a in classifier.get(name, {}).get("arms", {}).items():
+            row[f"auc_{arm}"] = a["metrics"]["roc_auc"]["value"]
+        rows.append(row)
+    arms = list(dict.fromkeys(k for r in rows for k in r if k.startswith("auc_")))
+    section.html(table(rows, [("set", "sample set"), ("ldm", "diffusion model"),
+                              *[(f"fid_{a}", f"FID {a}") for a in (*AXES, "mean")], ("kid", "KID (mean)"),
+                              ("msssim_synthetic", "MS-SSIM synthetic"), ("msssim_real", "MS-SSIM real"),
+                              *[(k, f"ROC AUC, trained on {k[4:]}") for k in arms]]))
+    section.text("FID and KID pooled over classes (lower is closer to the real test set); MS-SSIM among pairs "
+                 "(lower is more diverse); classifier ROC AUC on the real test subjects.")
+    return section
+
+
+def _data_section(prepared, sets: dict, classes: list[str], figures: Path, per_class: int) -> Section:
+    from medldm import h5layout
+
+    section = Section("Data: real and synthetic volumes")
+    counts: dict[str, dict] = {}
+    for split, c in zip(prepared.splits, prepared.class_index, strict=True):
+        row = counts.setdefault(classes[c] if c >= 0 else "–", {"class": classes[c] if c >= 0 else "–"})
+        row[split] = row.get(split, 0) + 1
+    section.html(table(list(counts.values()), [("class", "class"), ("train", "train"), ("val", "val"),
+                                               ("test", "test")]))
+    test = prepared.subset("test")
+    _montages_per_class(section, figures, "real_test", test.images[:, 0].numpy(), test.class_index, classes,
+                        test.subject_ids, per_class, "Real test subjects")
+    for name, s in sets.items():
+        with h5layout.open_volumes(s["volumes"]) as synth:
+            _montages_per_class(section, figures, f"synthetic_{name}", synth.image, synth.class_index, classes,
+                                synth.subject_ids, per_class, f"Synthetic, sample set {name}")
+    return section
+
+
+def _reconstruction_montage(section: Section, figures: Path, name: str, path, test) -> None:
+    """Real test subjects next to their reconstructions by autoencoder ``name`` (up to three)."""
+    from medldm import h5layout
+    from medldm.montage import save_montage
+
+    with h5layout.open_volumes(path) as rec:
+        row_of = {sid: i for i, sid in enumerate(rec.subject_ids)}
+        pairs = [(i, row_of[sid]) for i, sid in enumerate(test.subject_ids) if sid in row_of][:3]
+        if not pairs:
+            return
+        volumes = [v for i, j in pairs for v in (test.images[i, 0].numpy(), rec.image[j])]
+    titles = [t for i, _ in pairs for t in (test.subject_ids[i], f"{test.subject_ids[i]} recon")]
+    out = figures / f"reconstruction_{name}.png"
+    save_montage(out, volumes, titles)
+    section.figure(out, f"Autoencoder {name}: real test subjects and their reconstructions")
+
+
+def _training_section(inputs: dict, test, figures: Path) -> Section:
+    section = Section("Training curves")
+    for kind, what in (("vae", "Autoencoder"), ("ldm", "Diffusion model")):
+        for name, m in inputs.get(kind, {}).items():
+            path = plot_curves(Path(m.get("run_dir", "")) / "metrics.csv", f"{kind} {name}",
+                               figures / f"curves_{kind}_{name}.png")
+            if path:
+                section.figure(path, f"{what} {name}: metrics.csv of its run directory")
+            else:
+                section.text(f"{what} {name}: no metrics.csv in {m.get('run_dir')}", "warn")
+    for name, v in inputs.get("vae", {}).items():
+        if v.get("reconstructions") and Path(v["reconstructions"]).is_file():
+            _reconstruction_montage(section, figures, name, v["reconstructions"], test)
+    return section
+
+
+def _provenance_section(inputs: dict, config: dict) -> Section:
+    import yaml
+
+    from medldm.provenance import code_version, sha256_file
+
+    section = Section("Configuration and provenance")
+    hashed = {"manifest": inputs["manifest"]}
+    hashed |= {f"vae {n}": v["model"] for n, v in inputs.get("vae", {}).items()}
+    hashed |= {f"ldm {n}": v["model"] for n, v in inputs.get("ldm", {}).items()}
+    hashed |= {f"samples {n}": s["volumes"] for n, s in inputs.get("sample_sets", {}).items()}
+    rows = [{"what": k, "path": str(p), "sha256": sha256_file(p)} for k, p in hashed.items() if Path(p).is_file()]
+    weights = _load_json(inputs.get("fid_weights"))
+    if weights:
+        rows.append({"what": f"FID weights ({weights['source']})", "path": weights["weights"],
+                     "sha256": weights["sha256"]})
+    section.text(f"medldm {code_version()}")
+    section.html(table(rows, [("what", "input"), ("path", "path"), ("sha256", "sha256")]))
+    section.pre(yaml.safe_dump(config, sort_keys=False))
+    return section
+
+
+def build_report(inputs: dict, config: dict, figures: str | os.PathLike, montage_volumes: int = 4) -> str:
+    """The whole report page; figures are written to ``figures`` as PNG and embedded.
+
+    ``inputs``: {"manifest", "fid_weights" (record JSON), "vae": {name: {model, run_dir, reconstruction
+    (metrics JSON), reconstructions (volumes .h5)}}, "ldm": {name: {model, run_dir}}, "sample_sets":
+    {name: {ldm, volumes, metrics, classifier (JSON or None), saliency (PNG or None)}}}.
+    """
+    from medldm.data import load_prepared
+
+    figures = Path(figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    classes = list(config.get("classes", []))
+    sets = inputs.get("sample_sets", {})
+    metrics = {n: m for n, s in sets.items() if (m := _load_json(s.get("metrics")))}
+    classifier = {n: c for n, s in sets.items() if (c := _load_json(s.get("classifier")))}
+    recon = {n: r for n, v in inputs.get("vae", {}).items() if (r := _load_json(v.get("reconstruction")))}
+    prepared = load_prepared(inputs["manifest"], classes, with_labels=False)
+    sections = [_summary_section(sets, metrics, classifier),
+                _data_section(prepared, sets, classes, figures, montage_volumes),
+                _training_section(inputs, prepared.subset("test"), figures)]
+    if metrics:
+        sections.append(_fid_section(metrics, figures))
+    if metrics or recon:
+        sections.append(_msssim_section(metrics, recon, figures))
+    if classifier:
+        sections.append(_classifier_section(classifier, figures, {n: s.get("saliency") for n, s in sets.items()}))
+    sections.append(_provenance_section(inputs, config))
+    return render("medldm run report", sections, f"classes: {', '.join(classes) or 'none'}; "
+                                                 f"{len(sets)} sample set(s)")

@@ -1,0 +1,323 @@
+"""The autoencoder training loop: seeded, AdamW, gradient clipping, bf16 autocast on CUDA,
+optional patch-adversarial loss with its own optimiser, validation SSIM/PSNR (and Dice in
+paired-label mode) with a montage, metrics to CSV/TensorBoard, checkpoints and exact resume.
+
+Resume is exact: a checkpoint holds the model, optimisers, RNG states, the epoch and the number
+of batches already done in it; the batch order of an epoch is a function of (seed, epoch), so a
+run stopped mid-epoch (SIGTERM/SIGUSR1) continues with the very batch it would have seen next.
+Under torchrun every rank trains on its shard (DistributedSampler); only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.metrics import DiceMetric, PSNRMetric, SSIMMetric
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from medldm import autoencoder as ae
+from medldm.checkpoint import Checkpoints
+from medldm.data import PreparedSet
+from medldm.errors import InputError
+from medldm.io import write_json
+from medldm.montage import save_montage
+from medldm.runtime import MetricsLog, autocast, is_main_process, seed_everything
+
+log = logging.getLogger(__name__)
+RUN_KEY_FILE = "run.json"
+
+
+@dataclass
+class Trained:
+    """What ``train`` returns: the unwrapped model and where the run stands."""
+
+    model: torch.nn.Module
+    epochs_done: int
+    interrupted: bool
+    eval_split: str = "val"
+    val_metrics: dict = field(default_factory=dict)
+    montage: Path | None = None
+
+
+def claim_run_dir(run_dir: str | Path, key: str) -> None:
+    """Make ``run_dir`` the home of the run identified by ``key``.
+
+    A run directory left by different settings or data (another ``key``) is renamed to
+    ``<run_dir>.stale-<old key>`` rather than resumed from or deleted.
+    """
+    run_dir = Path(run_dir)
+    marker = run_dir / RUN_KEY_FILE
+    if marker.is_file():
+        old = json.loads(marker.read_text())["key"]
+        if old == key:
+            return
+        stale = run_dir.with_name(f"{run_dir.name}.stale-{old}")
+        n = 1
+        while stale.exists():
+            stale, n = run_dir.with_name(f"{run_dir.name}.stale-{old}-{n}"), n + 1
+        run_dir.rename(stale)
+        log.warning("settings or data changed: moved the previous run %s to %s; starting afresh", run_dir, stale)
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        raise InputError(f"{run_dir} holds files but no {RUN_KEY_FILE}: move it away or delete it")
+    write_json(marker, {"key": key})
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[torch.Tensor]:
+    """This rank's batches of sample indices for ``epoch``; the order depends only on (seed, epoch)."""
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler), dtype=torch.long)
+    return list(order.split(batch_size))
+
+
+class VAETrainer:
+    """Trains one autoencoder from the ``vae`` settings section on in-memory prepared data.
+
+    ``stop`` is polled after every step (a ``checkpoint.StopFlag`` in the script); when it is
+    true the trainer writes a checkpoint and returns with ``interrupted=True``.
+    """
+
+    def __init__(self, settings: dict, train: PreparedSet, val: PreparedSet, run_dir: str | Path,
+                 n_labels: int, device: torch.device, stop=None):
+        self.cfg, self.train_cfg = settings, settings["train"]
+        self.train_set, self.val_set = train, val
+        self.run_dir, self.device, self.stop = Path(run_dir), device, stop
+        self.paired = settings["paired_labels"]
+        if self.paired and train.labels is None:
+            raise InputError("vae.paired_labels is true but the manifest has no label maps")
+        if len(train) == 0:
+            raise InputError("the manifest has no subjects in the train split")
+        self.n_labels = n_labels
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.main = is_main_process()
+        seed_everything(self.train_cfg["seed"] + self.rank)
+
+        spatial_dims = settings["model"]["spatial_dims"]
+        self.net = ae.build_autoencoder(settings["model"], ae.io_channels(self.paired, n_labels)).to(device)
+        self.disc = ae.build_discriminator(settings["loss"], spatial_dims)
+        self.losses = ae.Losses(settings["loss"], spatial_dims, self.disc)
+        if self.losses.perceptual is not None:
+            self.losses.perceptual.to(device)
+        self.opt = torch.optim.AdamW(
+            self.net.parameters(), lr=self.train_cfg["lr"], weight_decay=self.train_cfg["weight_decay"]
+        )
+        self.model, self.disc_model, self.opt_d = self.net, None, None
+        if self.disc is not None:
+            self.disc.to(device)
+            self.disc_model = self.disc
+            self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=settings["loss"]["discriminator"]["lr"],
+                                           betas=(0.5, 0.999))
+        if self.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.net, device_ids=ids)
+            if self.disc is not None:
+                self.disc_model = DistributedDataParallel(self.disc, device_ids=ids)
+        if len(val):
+            self.eval_set, self.eval_split = val, "val"
+        else:  # no validation subjects: report the reconstruction of a few training subjects
+            log.warning("no validation subjects: reconstruction metrics use training subjects")
+            self.eval_set = train.select(list(range(min(len(train), max(self.train_cfg["montage_subjects"], 1)))))
+            self.eval_split = "train"
+        self.ckpts = Checkpoints(self.run_dir)
+        self.epoch, self.batch, self.step, self.partial = 0, 0, 0, {}
+        self.val_metrics: dict = {}
+        self.montage: Path | None = None
+        self.validated = False  # in this process (the same on every rank)
+
+    # -- state ---------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        state = {"model": self.net.state_dict(), "opt": self.opt.state_dict(), "epoch": self.epoch,
+                 "batch": self.batch, "partial": self.partial, "val_metrics": self.val_metrics}
+        if self.disc is not None:
+            state |= {"disc": self.disc.state_dict(), "opt_d": self.opt_d.state_dict()}
+        return state
+
+    def resume(self) -> None:
+        """Load the newest checkpoint of the run directory, if any (every rank reads it)."""
+        state = self.ckpts.load_latest(map_location=self.device)
+        if state is None:
+            log.info("no checkpoint in %s: training from scratch", self.run_dir)
+            return
+        self.net.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        if self.disc is not None and "disc" in state:
+            self.disc.load_state_dict(state["disc"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.partial, self.val_metrics = state["partial"], state["val_metrics"]
+        log.info("resumed at epoch %d, batch %d (step %d)", self.epoch + 1, self.batch, self.step)
+
+    def _checkpoint(self) -> None:
+        if self.main:
+            path = self.ckpts.save(self.step, self._state())
+            log.info("checkpoint %s (%d epochs and %d batches done)", path.name, self.epoch, self.batch)
+        self._barrier()
+
+    # -- distributed helpers --------------------------------------------------------------------
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor(float(bool(self.stop)), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # -- one step -------------------------------------------------------------------------------
+    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        non_blocking = self.device.type == "cuda"
+        image = self.train_set.images[idx].to(self.device, non_blocking=non_blocking)
+        label = None
+        if self.paired:
+            label = self.train_set.labels[idx].to(self.device, non_blocking=non_blocking)
+        return image, label
+
+    def train_step(self, image: torch.Tensor, label: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One optimiser step of the autoencoder (and of the discriminator when it is on)."""
+        self.model.train()
+        x = ae.to_network_input(image, label, self.n_labels)
+        with autocast(self.device, self.train_cfg["bf16"]):
+            out, mu, sigma = self.model(x)
+            parts = self.losses(out, image, label, mu, sigma, self.epoch)
+        self.opt.zero_grad(set_to_none=True)
+        parts["total"].backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.train_cfg["grad_clip"])
+        self.opt.step()
+        if self.losses.adversarial_on(self.epoch):
+            with autocast(self.device, self.train_cfg["bf16"]):
+                parts["disc"] = self.losses.discriminator_loss(self.disc_model, out[:, :1].float(), image)
+            self.opt_d.zero_grad(set_to_none=True)
+            parts["disc"].backward()
+            torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.train_cfg["grad_clip"])
+            self.opt_d.step()
+        return {k: v.detach() for k, v in parts.items()}
+
+    # -- epochs ---------------------------------------------------------------------------------
+    def train_epoch(self) -> bool:
+        """Run the rest of the current epoch; False when a stop was requested (checkpoint written)."""
+        cfg = self.train_cfg
+        batches = epoch_batches(len(self.train_set), cfg["batch_size"], self.epoch, cfg["seed"], self.rank, self.world)
+        sums = {k: torch.tensor(v, device=self.device) for k, v in self.partial.get("sums", {}).items()}
+        count, seconds = self.partial.get("count", 0), self.partial.get("seconds", 0.0)
+        bar = tqdm(batches[self.batch:], desc=f"epoch {self.epoch + 1}/{cfg['epochs']}", unit="batch",
+                   disable=None if self.main else True, leave=False)  # None: off when not a TTY
+        tic = time.perf_counter()
+        for idx in bar:
+            parts = self.train_step(*self._batch(idx))
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+            count += len(idx)
+            self.batch += 1
+            self.step += 1
+            if self.main and (self.batch % 10 == 0 or self.batch == len(batches)):
+                rate = count * self.world / (seconds + time.perf_counter() - tic)
+                bar.set_postfix(loss=f"{sums['total'].item() / count:.4f}", vol_s=f"{rate:.2f}")
+            if self._stop_requested():
+                self.partial = {"sums": {k: float(v) for k, v in sums.items()}, "count": count,
+                                "seconds": seconds + time.perf_counter() - tic}
+                self._checkpoint()
+                return False
+        seconds += time.perf_counter() - tic
+        names = sorted(sums)
+        totals = torch.stack([sums[k].float() for k in names] + [torch.tensor(float(count), device=self.device)])
+        if self.world > 1:
+            dist.all_reduce(totals)
+        means = {k: (totals[i] / totals[-1]).item() for i, k in enumerate(names)}
+        self._end_epoch(means, totals[-1].item() / seconds)
+        return True
+
+    def _end_epoch(self, means: dict[str, float], vols_per_s: float) -> None:
+        cfg, done = self.train_cfg, self.epoch + 1
+        last = done == cfg["epochs"]
+        metrics = {f"train/{k}": v for k, v in means.items()}
+        metrics |= {"train/kl_weight": ae.kl_weight(self.cfg["loss"], self.epoch),
+                    "train/volumes_per_s": vols_per_s, "epoch": done}
+        if done % cfg["val_every"] == 0 or last:
+            self.validate(done)
+            metrics |= {f"{self.eval_split}/{k}": v for k, v in self.val_metrics.items()}
+        if self.main:
+            self.metrics.log(self.step, **metrics)
+            log.info("epoch %d/%d: %s", done, cfg["epochs"],
+                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        self.epoch, self.batch, self.partial = done, 0, {}
+        if done % cfg["checkpoint_every"] == 0 or last:
+            self._checkpoint()
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> None:
+        """Reconstruct the evaluation subjects from ``mu``, sharded over the ranks: SSIM, PSNR,
+        Dice; rank 0 writes the montage."""
+        shard = self.eval_set
+        if len(shard) >= self.world:
+            shard = shard.select(list(range(self.rank, len(shard), self.world)))
+        montage = self.run_dir / "montages" / f"epoch-{epoch:04d}.png" if self.main else None
+        self.val_metrics, montage = evaluate_reconstruction(
+            self.net, shard, self.n_labels, self.paired, self.device, self.cfg["inference"], montage,
+            self.train_cfg["montage_subjects"],
+        )
+        self.montage, self.validated = montage, True
+
+    def run(self) -> Trained:
+        """Resume if possible, train to ``train.epochs``; returns the unwrapped model and status."""
+        self.resume()
+        self.metrics = MetricsLog(self.run_dir, resume_step=self.step) if self.main else None
+        try:
+            while self.epoch < self.train_cfg["epochs"]:
+                if not self.train_epoch():
+                    return Trained(self.net, self.epoch, True, self.eval_split, self.val_metrics, self.montage)
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+        if not self.validated:  # finished in an earlier job: evaluate once more for the outputs
+            self.validate(self.epoch)
+        return Trained(self.net, self.epoch, False, self.eval_split, self.val_metrics, self.montage)
+
+
+def evaluate_reconstruction(net, data: PreparedSet, n_labels: int, paired: bool, device, inference: dict,
+                            montage_path: Path | None = None, montage_subjects: int = 3) -> tuple[dict, Path | None]:
+    """Mean SSIM, PSNR (and label Dice, foreground labels) of ``mu`` reconstructions of ``data``
+    (fp32), plus a montage
+    of originals and reconstructions of the first ``montage_subjects`` subjects. Under torchrun
+    this is collective (MONAI metrics gather over ranks): every rank calls it with its shard."""
+    net.eval()
+    win = min(11, *data.shape)
+    win -= 1 - win % 2  # odd window that fits the volume
+    ssim = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=win)
+    psnr = PSNRMetric(max_val=1.0)
+    dice = DiceMetric(include_background=False, reduction="mean")
+    labels = data.labels if paired else None
+    size = inference["batch_size"]
+    mu = np.concatenate([m for _, m, _ in ae.encode_set(net, data.images, labels, n_labels, device, size, progress=False)])
+    decoded = list(ae.decode_set(net, mu, inference, device, progress=False))
+    recon = torch.from_numpy(np.concatenate([image for _, image, _ in decoded]))[:, None]
+    ssim(recon, data.images)
+    psnr(recon, data.images)
+    if paired:
+        recon_label = torch.from_numpy(np.concatenate([label for _, _, label in decoded]))
+        dice(_onehot(recon_label, n_labels), _onehot(data.labels, n_labels))
+    metrics = {"ssim": float(ssim.aggregate()), "psnr": float(psnr.aggregate())}
+    if paired:
+        metrics["dice"] = float(dice.aggregate())
+    shown = min(montage_subjects, len(data))
+    if montage_path is None or not shown:
+        return metrics, None
+    volumes = [v for i in range(shown) for v in (data.images[i, 0].numpy(), recon[i, 0].numpy())]
+    titles = [t for sid in data.subject_ids[:shown] for t in (f"{sid} input", f"{sid} recon")]
+    save_montage(montage_path, volumes, titles)
+    return metrics, montage_path
+
+
+def _onehot(label: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """``(B, X, Y, Z)`` integer labels -> ``(B, L, X, Y, Z)`` one-hot."""
+    return torch.nn.functional.one_hot(label.long(), n_labels).movedim(-1, 1)

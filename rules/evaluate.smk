@@ -1,0 +1,148 @@
+# Evaluation: the FID weights (a local rule: on a cluster it runs on the login node, which has
+# internet), real reference features (once per prepared data set), image metrics and the
+# train-on-synthetic classifier per sample set, autoencoder reconstruction metrics, the report.
+
+
+localrules:
+    fid_weights,
+
+
+rule fid_weights:
+    output:
+        f"{EVAL}/fid_weights.json",
+    log:
+        f"{RESULTS}/logs/eval/fid_weights.log",
+    conda:
+        "../envs/torch.yaml"
+    params:
+        settings=settings_json(fid_settings(fetch=True)),
+    shell:
+        "python -m workflow_scripts.fetch_fid_weights --settings {params.settings:q}"
+        " --out {output:q} > {log} 2>&1"
+
+
+rule fid_reference:
+    input:
+        manifest=f"{PREPARED}/manifest.tsv",
+        weights=rules.fid_weights.output[0],
+    output:
+        f"{EVAL}/reference/fid_features.npz",
+    log:
+        f"{RESULTS}/logs/eval/fid_reference.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        **rule_resources("fid_reference"),
+    params:
+        settings=settings_json(fid_settings(fetch=False)),
+        classes=",".join(config["classes"]),
+        split=EVALUATE["real_split"],
+        device=EVALUATE["device"],
+    shell:
+        "python -m workflow_scripts.fid_reference --manifest {input.manifest:q} --classes {params.classes:q}"
+        " --split {params.split} --settings {params.settings:q} --weights-record {input.weights:q}"
+        " --device {params.device} --out {output:q} > {log} 2>&1"
+
+
+rule evaluate_samples:
+    input:
+        volumes=f"{RESULTS}/samples/{{ldm}}/{{sample_set}}/synthetic.h5",
+        reference=rules.fid_reference.output[0],
+        manifest=f"{PREPARED}/manifest.tsv",
+        weights=rules.fid_weights.output[0],
+    output:
+        json=f"{EVAL}/samples/{{ldm}}/{{sample_set}}/image_metrics.json",
+        csv=f"{EVAL}/samples/{{ldm}}/{{sample_set}}/fid.csv",
+    log:
+        f"{RESULTS}/logs/eval/{{ldm}}/{{sample_set}}/evaluate_samples.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        **rule_resources("evaluate_samples"),
+    params:
+        settings=settings_json(
+            {"fid": fid_settings(fetch=False), "msssim": EVALUATE["msssim"]}
+        ),
+        classes=",".join(config["classes"]),
+        split=EVALUATE["real_split"],
+        device=EVALUATE["device"],
+    shell:
+        "python -m workflow_scripts.evaluate_samples --volumes {input.volumes:q} --reference {input.reference:q}"
+        " --manifest {input.manifest:q} --classes {params.classes:q} --split {params.split}"
+        " --settings {params.settings:q} --weights-record {input.weights:q} --device {params.device}"
+        " --out-json {output.json:q} --out-csv {output.csv:q} > {log} 2>&1"
+
+
+rule evaluate_classifier:
+    input:
+        volumes=f"{RESULTS}/samples/{{ldm}}/{{sample_set}}/synthetic.h5",
+        manifest=f"{PREPARED}/manifest.tsv",
+    output:
+        **classifier_outputs(),
+    log:
+        f"{RESULTS}/logs/eval/{{ldm}}/{{sample_set}}/evaluate_classifier.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        **rule_resources("evaluate_classifier"),
+    params:
+        settings=settings_json(EVALUATE["classifier"]),
+        classes=",".join(config["classes"]),
+        device=EVALUATE["device"],
+        saliency=saliency_arg,
+    shell:
+        "python -m workflow_scripts.evaluate_classifier --manifest {input.manifest:q} --volumes {input.volumes:q}"
+        " --classes {params.classes:q} --settings {params.settings:q} --device {params.device}"
+        " --out-json {output.json:q} --out-csv {output.csv:q} {params.saliency} > {log} 2>&1"
+
+
+rule evaluate_reconstruction:
+    input:
+        reconstructions=f"{RESULTS}/vae/{{vae}}/reconstructions/synthetic.h5",
+        manifest=f"{PREPARED}/manifest.tsv",
+    output:
+        f"{EVAL}/vae/{{vae}}/reconstruction.json",
+    log:
+        f"{RESULTS}/logs/eval/vae/{{vae}}/evaluate_reconstruction.log",
+    conda:
+        "../envs/torch.yaml"
+    params:
+        settings=settings_json(EVALUATE["msssim"]),
+        classes=",".join(config["classes"]),
+        split=EVALUATE["real_split"],
+    shell:
+        "python -m workflow_scripts.evaluate_reconstruction --reconstructions {input.reconstructions:q}"
+        " --manifest {input.manifest:q} --classes {params.classes:q} --split {params.split}"
+        " --settings {params.settings:q} --out {output:q} > {log} 2>&1"
+
+
+rule report:
+    input:
+        **report_inputs(),
+    output:
+        html=report(
+            f"{RESULTS}/report/index.html",
+            caption="../report/index.rst",
+            category="Report",
+        ),
+        figures=report(
+            directory(f"{RESULTS}/report/figures"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Evaluation",
+        ),
+    log:
+        f"{RESULTS}/logs/eval/report.log",
+    conda:
+        "../envs/torch.yaml"
+    params:
+        inputs=json.dumps(report_index(), sort_keys=True),
+        config=settings_json(config),
+        montage_volumes=EVALUATE["report"]["montage_volumes"],
+    shell:
+        "python -m workflow_scripts.report --inputs {params.inputs:q} --config {params.config:q}"
+        " --montage-volumes {params.montage_volumes} --out {output.html:q} --figures {output.figures:q}"
+        " > {log} 2>&1"

@@ -1,0 +1,26 @@
+# Latent diffusion: one model per `ldm` config entry, trained on its autoencoder's latents.
+# The run directory (checkpoints, metrics.csv, tensorboard) is not an output, so a failed or
+# time-limited job keeps it and the rerun resumes.
+
+
+rule train_ldm:
+    input:
+        latents=lambda wc: f"{ldm_vae_dir(wc)}/latents.h5",
+        vae=lambda wc: f"{ldm_vae_dir(wc)}/vae.pt",
+    output:
+        f"{RESULTS}/ldm/{{ldm}}/ldm.pt",
+    log:
+        f"{RESULTS}/logs/ldm/{{ldm}}/train_ldm.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        **rule_resources("train_ldm"),
+    params:
+        settings=lambda wc: settings_json(ldm_entry(wc.ldm)),
+        run_dir=lambda wc: f"{RESULTS}/runs/ldm/{wc.ldm}",
+        python=python_launcher("train_ldm"),
+    shell:
+        "{params.python} -m workflow_scripts.train_ldm --settings {params.settings:q}"
+        " --latents {input.latents:q} --vae {input.vae:q} --run-dir {params.run_dir:q}"
+        " --out {output:q} > {log} 2>&1"

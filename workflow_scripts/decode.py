@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Decode a latents HDF5 file (export_latents' real latents, or sampled ones) with vae.pt.
+
+Writes synthetic.h5 (a volumes file: all images, and label maps in paired-label mode) and one
+NIfTI per volume, <nifti-dir>/<id>/image.nii.gz (+ label.nii.gz), on the prepared grid's affine.
+
+Scaling: every latents file holds UNSCALED latents (posterior mu, or samples already divided by
+the scale factor once by the sampler when it wrote them), so decode feeds ``mu`` to the decoder
+as stored and never multiplies or divides by ``scale_factor``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from medldm import autoencoder as ae
+from medldm import h5layout
+from medldm.errors import InputError, run_cli
+from medldm.io import save_nifti
+from medldm.provenance import sha256_file
+from medldm.runtime import pick_device, setup_logging
+from medldm.settings import load_settings
+
+log = logging.getLogger("decode")
+
+
+def check_match(latents: h5layout.H5File, vae: dict, vae_path: Path) -> None:
+    """The latents must come from this autoencoder (same hash when recorded, same shapes)."""
+    recorded = latents.header.vae_sha256
+    if recorded and recorded != sha256_file(vae_path):
+        raise InputError(
+            f"{latents.path} was made with another autoencoder (vae_sha256 {recorded[:12]}...) than "
+            f"{vae_path}; decode it with the vae.pt that encoded it, or re-run export_latents"
+        )
+    if not recorded:
+        log.warning("%s records no vae_sha256: cannot check it matches %s", latents.path, vae_path)
+    if list(latents.mu.shape[1:]) != list(vae["latent_shape"]):
+        raise InputError(
+            f"{latents.path}: latent shape {list(latents.mu.shape[1:])} differs from {vae['latent_shape']} "
+            f"of {vae_path}"
+        )
+    if list(latents.header.grid_shape) != list(vae["grid_shape"]):
+        raise InputError(
+            f"{latents.path}: grid_shape {list(latents.header.grid_shape)} differs from {vae['grid_shape']} "
+            f"of {vae_path}"
+        )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae", required=True, type=Path, help="vae.pt from train_vae")
+    parser.add_argument("--latents", required=True, type=Path, help="latents.h5 (export_latents or sample)")
+    parser.add_argument("--settings", required=True, help="the vae's inference section (JSON or YAML file)")
+    parser.add_argument("--out", required=True, type=Path, help="synthetic.h5 to write")
+    parser.add_argument("--nifti-dir", required=True, type=Path, help="folder for one NIfTI per volume")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    setup_logging()
+    inference = load_settings(args.settings)
+    device = pick_device(args.device)
+    net, vae = ae.load_vae(args.vae, device)
+    paired = vae["settings"]["paired_labels"]
+
+    with h5layout.open_latents(args.latents) as latents:
+        check_match(latents, vae, args.vae)
+        src = latents.header
+        header = h5layout.Header(
+            grid_affine=src.grid_affine, grid_shape=src.grid_shape, class_names=src.class_names,
+            label_names=src.label_names if paired else [],
+            settings={"latents": str(args.latents), "latents_settings": src.settings,
+                      "vae_sha256": src.vae_sha256},
+        )
+        affine = np.asarray(src.grid_affine)
+        with h5layout.create_volumes(args.out, len(latents), header, with_labels=paired) as writer:
+            for start, images, labels in ae.decode_set(net, latents.mu, inference, device):
+                for j, image in enumerate(images):
+                    i = start + j
+                    sid = latents.subject_ids[i]
+                    label = None if labels is None else labels[j]
+                    save_nifti(args.nifti_dir / sid / "image.nii.gz", image, affine)
+                    if label is not None:
+                        save_nifti(args.nifti_dir / sid / "label.nii.gz", label, affine)
+                    writer.append(sid, int(latents.class_index[i]), latents.splits[i], image=image, label=label)
+    print(f"{args.out}: decoded {writer.count} volumes{' with label maps' if paired else ''} "
+          f"of shape {list(header.grid_shape)}; NIfTI in {args.nifti_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Fidelity of an autoencoder: SSIM and PSNR of its reconstructions of the real subjects of one
+split (test by default), matched to the prepared volumes by subject id."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from medldm import diversity, h5layout
+from medldm.data import load_prepared
+from medldm.errors import InputError, run_cli
+from medldm.io import write_json
+from medldm.provenance import provenance
+from medldm.runtime import setup_logging
+from medldm.settings import load_settings
+
+log = logging.getLogger("evaluate_reconstruction")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reconstructions", required=True, type=Path, help="the autoencoder's reconstructions (volumes .h5)")
+    parser.add_argument("--manifest", required=True, type=Path, help="results/prepared/manifest.tsv")
+    parser.add_argument("--classes", default="", help="comma-separated class names (config `classes`)")
+    parser.add_argument("--split", default="test", help="split whose reconstructions are scored")
+    parser.add_argument("--settings", required=True, help="the config's evaluate.msssim section (JSON or YAML file)")
+    parser.add_argument("--out", required=True, type=Path, help="metrics JSON to write")
+    args = parser.parse_args(argv)
+    setup_logging()
+    settings = load_settings(args.settings)
+    classes = [c for c in args.classes.split(",") if c]
+    real = load_prepared(args.manifest, classes, with_labels=False).subset(args.split)
+    with h5layout.open_volumes(args.reconstructions) as recon:
+        row_of = {s: i for i, s in enumerate(recon.subject_ids)}
+        missing = [s for s in real.subject_ids if s not in row_of]
+        if missing:
+            raise InputError(f"{args.reconstructions}: no reconstruction of {args.split} subjects {missing[:5]}; "
+                             "rerun the reconstruction (decode) rule of this autoencoder")
+        recon_images = [np.asarray(recon.image[row_of[s]]) for s in real.subject_ids]
+    values = diversity.reconstruction_metrics(list(real.images[:, 0].numpy()), recon_images, settings["kernel_size"])
+    result = {
+        "split": args.split,
+        "n": len(real),
+        "ssim": diversity.summary(values["ssim"]),
+        "psnr": diversity.summary(values["psnr"]),
+        "subjects": [{"subject_id": s, "ssim": float(a), "psnr": float(b)}
+                     for s, a, b in zip(real.subject_ids, values["ssim"], values["psnr"], strict=True)],
+        "provenance": provenance(settings, {"reconstructions": args.reconstructions}),
+    }
+    write_json(args.out, result)
+    log.info("reconstruction of %d %s subjects: SSIM %.4f, PSNR %.2f dB", len(real), args.split,
+             result["ssim"]["mean"], result["psnr"]["mean"])
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Image metrics of one sample set against the real reference set: per-slice FID (and KID) on
+three axes, per class and pooled, and MS-SSIM among synthetic pairs and among real pairs."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from medldm import diversity, h5layout
+from medldm.data import load_prepared
+from medldm.errors import InputError, run_cli
+from medldm.fid import (
+    SliceFeatures,
+    SliceSpec,
+    compare,
+    load_inception,
+    read_record,
+    slice_features,
+)
+from medldm.io import atomic_path, write_json
+from medldm.provenance import provenance
+from medldm.runtime import pick_device, setup_logging
+from medldm.settings import load_settings
+
+log = logging.getLogger("evaluate_samples")
+FID_COLUMNS = ["group", "axis", "fid", "kid_mean", "kid_std", "n_real", "n_synthetic", "rank_deficient"]
+
+
+class Rows:
+    """Lazy view of some rows of an array-like (an HDF5 dataset is read one volume at a time)."""
+
+    def __init__(self, data, indices):
+        self.data, self.indices = data, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i) -> np.ndarray:
+        return np.asarray(self.data[self.indices[i]])
+
+
+def groups(class_index: np.ndarray, class_names: list[str]) -> dict[str, list[int]]:
+    """Row indices of the pooled set and of each class with at least two volumes."""
+    out = {"all": list(range(len(class_index)))}
+    for index, name in enumerate(class_names):
+        rows = np.flatnonzero(class_index == index).tolist()
+        if len(rows) >= 2:
+            out[name] = rows
+    return out
+
+
+def msssim_by_group(images, class_index, class_names, settings: dict) -> dict[str, dict]:
+    return {name: diversity.summary(diversity.pairwise_msssim(
+        Rows(images, rows), settings["kernel_size"], settings.get("scales"), settings["max_pairs"], settings["seed"]))
+        for name, rows in groups(class_index, class_names).items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--volumes", required=True, type=Path, help="the sample set's synthetic.h5")
+    parser.add_argument("--reference", required=True, type=Path, help="real features from fid_reference")
+    parser.add_argument("--manifest", required=True, type=Path, help="results/prepared/manifest.tsv")
+    parser.add_argument("--classes", default="", help="comma-separated class names (config `classes`)")
+    parser.add_argument("--split", default="test", help="split of the real reference set")
+    parser.add_argument("--settings", required=True, help="the config's evaluate section (JSON or YAML file)")
+    parser.add_argument("--weights-record", required=True, help="record written by fetch_fid_weights")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--out-json", required=True, type=Path, help="metrics JSON to write")
+    parser.add_argument("--out-csv", required=True, type=Path, help="FID/KID table (CSV) to write")
+    args = parser.parse_args(argv)
+    setup_logging()
+    settings = load_settings(args.settings)
+    fid, msssim = settings["fid"], settings["msssim"]
+    classes = [c for c in args.classes.split(",") if c]
+    record = read_record(args.weights_record)
+    reference = SliceFeatures.load(args.reference)
+    device = pick_device(args.device)
+    with h5layout.open_volumes(args.volumes) as synth:
+        if synth.header.class_names != classes:
+            raise InputError(f"{args.volumes}: classes {synth.header.class_names} differ from the config's {classes}")
+        model = load_inception(fid["dims"], device, record["weights"])
+        volumes = ((synth.image[i], int(synth.class_index[i])) for i in range(len(synth)))
+        features = slice_features(volumes, model, SliceSpec.from_settings(fid), device, fid["batch_size"],
+                                  meta={"weights_sha256": record["sha256"]})
+        kid = {"subsets": fid["kid_subsets"], "subset_size": fid["kid_subset_size"], "seed": fid["seed"]} \
+            if fid["kid"] else None
+        rows = compare(reference, features, classes, kid)
+        synthetic_msssim = msssim_by_group(synth.image, synth.class_index, classes, msssim)
+        n_synthetic = len(synth)
+    real = load_prepared(args.manifest, classes, with_labels=False).subset(args.split)
+    real_msssim = msssim_by_group(real.images[:, 0].numpy(), real.class_index, classes, msssim)
+    result = {
+        "fid": {"dims": fid["dims"], "rows": rows, "weights": {k: record[k] for k in ("source", "sha256", "weights")},
+                "slice_spec": reference.meta["slice_spec"]},
+        "msssim": {"kernel_size": msssim["kernel_size"],
+                   "scale_weights": diversity.fit_msssim(real.shape, msssim["kernel_size"], msssim.get("scales")),
+                   "synthetic": synthetic_msssim, "real": real_msssim},
+        "n_volumes": {"synthetic": n_synthetic, "real": len(real)},
+        "real_split": args.split,
+        "provenance": provenance(settings, {"volumes": args.volumes, "reference": args.reference}),
+    }
+    write_json(args.out_json, result)
+    with atomic_path(args.out_csv) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FID_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        if row["axis"] == "mean":
+            log.info("FID %s (mean of axes): %.3f", row["group"], row["fid"])
+    log.info("MS-SSIM synthetic %s, real %s", synthetic_msssim["all"], real_msssim["all"])
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Encode every prepared subject (train, val and test) into one latents HDF5 file.
+
+Stores the posterior mu and logvar (unscaled), subject ids, class, split, label maps when
+present, per-channel mean/std of mu over all latent voxels of the training split, the scale
+factor 1/std (all channels together), the prepared grid and the sha256 of vae.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from medldm import autoencoder as ae
+from medldm import h5layout
+from medldm.data import load_prepared
+from medldm.errors import InputError, run_cli
+from medldm.provenance import sha256_file
+from medldm.runtime import pick_device, setup_logging
+from medldm.settings import load_settings
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--vae", required=True, type=Path, help="vae.pt from train_vae")
+    parser.add_argument("--manifest", required=True, type=Path, help="results/prepared/manifest.tsv")
+    parser.add_argument("--settings", required=True, help="the vae's inference section (JSON or YAML file)")
+    parser.add_argument("--out", required=True, type=Path, help="latents.h5 to write")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    setup_logging()
+    inference = load_settings(args.settings)
+    device = pick_device(args.device)
+    net, vae = ae.load_vae(args.vae, device)
+    paired = vae["settings"]["paired_labels"]
+
+    data = load_prepared(args.manifest, vae["classes"])
+    if list(data.shape) != list(vae["grid_shape"]):
+        raise InputError(
+            f"{args.manifest}: prepared shape {list(data.shape)} differs from the {vae['grid_shape']} "
+            f"{args.vae} was trained on; retrain the autoencoder after changing prepare settings"
+        )
+    header = h5layout.Header(
+        grid_affine=data.affine, grid_shape=data.shape, class_names=vae["classes"], label_names=vae["labels"],
+        settings={"vae": vae["settings"], "prepare": vae["prepare"]}, vae_sha256=sha256_file(args.vae),
+    )
+    stats = ae.LatentStats(vae["latent_shape"][0])
+    with h5layout.create_latents(args.out, len(data), vae["latent_shape"], header,
+                                 label_shape=None if data.labels is None else data.shape) as writer:
+        labels = data.labels if paired else None
+        for start, mu, logvar in ae.encode_set(net, data.images, labels, len(vae["labels"]), device,
+                                               inference["batch_size"]):
+            for j in range(len(mu)):
+                i = start + j
+                label = None if data.labels is None else data.labels[i].numpy()
+                writer.append(data.subject_ids[i], int(data.class_index[i]), data.splits[i],
+                              mu=mu[j], logvar=logvar[j], label=label)
+                if data.splits[i] == "train":
+                    stats.add(mu[j : j + 1])
+        mean, std, scale = stats.result()
+        writer.set_latent_stats(mean, std, scale)
+    print(f"{args.out}: {len(data)} latents of shape {vae['latent_shape']}; "
+          f"train channel mean {np.round(mean, 4).tolist()}, std {np.round(std, 4).tolist()}, "
+          f"scale factor {scale:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Train one latent diffusion model on an autoencoder's latents and write ldm.pt.
+
+Checkpoints, metrics.csv and TensorBoard logs go to --run-dir (not a Snakemake output); a rerun
+resumes from its newest checkpoint. SIGTERM/SIGUSR1 write a checkpoint and exit with code 75.
+Under torchrun (WORLD_SIZE > 1) every rank trains on its share of each batch; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from medldm.checkpoint import StopFlag
+from medldm.errors import run_cli
+from medldm.ldm_training import Trainer
+from medldm.runtime import pick_device, setup_logging
+from medldm.settings import load_settings
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", required=True, help="the config's ldm.<name> section (JSON or YAML file)")
+    parser.add_argument("--latents", required=True, type=Path, help="latents.h5 from export_latents")
+    parser.add_argument("--vae", type=Path, help="the vae.pt that wrote the latents (its sha256 is checked)")
+    parser.add_argument("--run-dir", required=True, type=Path, help="checkpoints and metrics")
+    parser.add_argument("--out", required=True, type=Path, help="ldm.pt to write")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    setup_logging()
+    device = pick_device(args.device)
+    with StopFlag() as stop:
+        trainer = Trainer(load_settings(args.settings), args.latents, args.vae, args.run_dir, args.out,
+                          device, stop)
+        code = trainer.run()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    run_cli(main)

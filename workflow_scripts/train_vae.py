@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Train one autoencoder on the prepared subjects and write vae.pt.
+
+Checkpoints, metrics.csv, TensorBoard logs and montages go to --run-dir (not a Snakemake
+output); a rerun resumes from its newest checkpoint. SIGTERM/SIGUSR1 write a checkpoint and exit
+with code 75. Under torchrun (WORLD_SIZE > 1) every rank trains a shard; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from medldm import autoencoder as ae
+from medldm.checkpoint import StopFlag
+from medldm.data import load_prepared
+from medldm.errors import EXIT_INTERRUPTED, run_cli
+from medldm.io import atomic_path
+from medldm.provenance import config_hash, provenance, sha256_file
+from medldm.runtime import init_distributed, is_main_process, pick_device, setup_logging
+from medldm.settings import load_settings
+from medldm.vae_training import VAETrainer, claim_run_dir
+
+log = logging.getLogger("train_vae")
+# Settings that may change without invalidating a run's checkpoints (more epochs resume it).
+_RESUMABLE = ("epochs", "val_every", "checkpoint_every", "montage_subjects")
+
+
+def run_key(settings: dict, manifest: Path, classes: list[str], labels: list[str]) -> str:
+    """Identity of a training run: settings (bar the resumable ones), data, classes, labels."""
+    train = {k: v for k, v in settings["train"].items() if k not in _RESUMABLE}
+    stable = {**settings, "train": train, "inference": None}
+    return config_hash({"settings": stable, "manifest": sha256_file(manifest), "classes": classes, "labels": labels})
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", required=True, help="the config's vae.<name> section (JSON or YAML file)")
+    parser.add_argument("--prepare", required=True, help="the config's prepare section (JSON or YAML file)")
+    parser.add_argument("--manifest", required=True, type=Path, help="results/prepared/manifest.tsv")
+    parser.add_argument("--classes", default="", help="comma-separated class names (config `classes`)")
+    parser.add_argument("--labels", default="", help="comma-separated label names (config `labels`)")
+    parser.add_argument("--run-dir", required=True, type=Path, help="checkpoints, metrics, montages")
+    parser.add_argument("--out", required=True, type=Path, help="vae.pt to write")
+    parser.add_argument("--montage", type=Path, help="PNG of validation reconstructions to write")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return parser.parse_args(argv)
+
+
+def write_outputs(args, settings, prepare, classes, labels, data, result) -> None:
+    """vae.pt (weights, architecture, preparation, grid, provenance) and the montage."""
+    split, montage, metrics = result.eval_split, result.montage, result.val_metrics
+    factor = ae.downsampling(settings["model"])
+    ae.save_vae(args.out, result.model, {
+        "settings": settings,
+        "channels": ae.io_channels(settings["paired_labels"], len(labels)),
+        "classes": classes,
+        "labels": labels,
+        "prepare": prepare,
+        "grid_affine": data.affine,
+        "grid_shape": list(data.shape),
+        "latent_shape": [settings["model"]["latent_channels"], *(s // factor for s in data.shape)],
+        "epochs": result.epochs_done,
+        "recon_metrics": {"split": split, **metrics},
+        "provenance": provenance({"vae": settings, "prepare": prepare}, {"manifest": args.manifest}),
+    })
+    if args.montage:
+        with atomic_path(args.montage) as tmp:
+            shutil.copyfile(montage, tmp)
+    log.info("wrote %s (%s reconstruction: %s)", args.out, split,
+             ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    _, world = init_distributed()
+    device = pick_device(args.device)
+    settings, prepare = load_settings(args.settings), load_settings(args.prepare)
+    classes = [c for c in args.classes.split(",") if c]
+    labels = [c for c in args.labels.split(",") if c]
+
+    data = load_prepared(args.manifest, classes, with_labels=settings["paired_labels"])
+    ae.check_grid(settings["model"], data.shape)
+    train, val = data.subset("train"), data.subset("val")
+    log.info("%d train / %d val subjects of shape %s on %s (world size %d)",
+             len(train), len(val), data.shape, device, world)
+    if is_main_process():
+        claim_run_dir(args.run_dir, run_key(settings, args.manifest, classes, labels))
+    if world > 1:
+        torch.distributed.barrier()
+
+    with StopFlag() as stop:
+        trainer = VAETrainer(settings, train, val, args.run_dir, len(labels), device, stop)
+        result = trainer.run()
+    if result.interrupted:
+        log.warning("stopped at epoch %d by signal; checkpoint written, rerun to resume", result.epochs_done + 1)
+        return EXIT_INTERRUPTED
+    if is_main_process():
+        write_outputs(args, settings, prepare, classes, labels, data, result)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
