@@ -5,6 +5,7 @@
 
 localrules:
     fid_weights,
+    report,
 
 
 rule fid_weights:
