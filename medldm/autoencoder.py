@@ -20,7 +20,7 @@ from monai.losses import DiceCELoss, PatchAdversarialLoss, PerceptualLoss
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 from tqdm import tqdm
 
-from medldm.checkpoint import load_torch, save_torch
+from medldm.checkpoint import load_model_file, save_torch
 from medldm.errors import InputError
 
 VAE_KIND, VAE_FORMAT_VERSION = "medldm-vae", 1
@@ -279,17 +279,7 @@ def save_vae(path: str | Path, model: AutoencoderKL, meta: dict) -> None:
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu") -> tuple[AutoencoderKL, dict]:
     """Model (eval mode, on ``device``) and the whole ``vae.pt`` payload."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such autoencoder file; run the train_vae rule first")
-    payload = load_torch(path)
-    if not isinstance(payload, dict) or payload.get("kind") != VAE_KIND:
-        raise InputError(f"{path}: not a medldm autoencoder file (train_vae writes vae.pt)")
-    if payload["format_version"] != VAE_FORMAT_VERSION:
-        raise InputError(
-            f"{path}: vae.pt format version {payload['format_version']}, this medldm reads "
-            f"{VAE_FORMAT_VERSION}; retrain with this version"
-        )
+    payload = load_model_file(path, ("kind", VAE_KIND), VAE_FORMAT_VERSION, "train_vae")
     model = build_autoencoder(payload["settings"]["model"], payload["channels"])
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), payload

@@ -34,6 +34,29 @@ def load_torch(path: str | os.PathLike, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
+def load_model_file(path: str | os.PathLike, tag: tuple[str, str], version: int, rule: str) -> dict:
+    """Load a final model file (vae.pt, ldm.pt) and check its kind and format version.
+
+    ``tag`` is the (key, value) pair that marks the kind of file; errors name the file and the
+    rule that writes it.
+    """
+    from medldm.errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; run the {rule} rule first")
+    payload = load_torch(path)
+    key, value = tag
+    if not isinstance(payload, dict) or payload.get(key) != value:
+        raise InputError(f"{path}: not a medldm {value} file ({rule} writes it)")
+    if payload.get("format_version") != version:
+        raise InputError(
+            f"{path}: format version {payload.get('format_version')}, this medldm reads {version}; "
+            f"rerun {rule} with this version"
+        )
+    return payload
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -25,7 +25,6 @@ import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 from torch import nn
 from tqdm.auto import tqdm
 
-from medldm.checkpoint import load_torch, save_torch
+from medldm.checkpoint import load_model_file, save_torch
 from medldm.errors import InputError
 from medldm.models.factory import build_diffusion_model
 from medldm.provenance import sha256_file
@@ -352,15 +351,7 @@ def load_ldm(path: str | os.PathLike, vae_path: str | os.PathLike | None = None,
              device: torch.device | str = "cpu") -> LDM:
     """Load ``ldm.pt`` with its EMA weights; with ``vae_path``, refuse an autoencoder other than
     the one it was trained against."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such ldm.pt; run the train_ldm rule first")
-    payload = load_torch(path)
-    if not isinstance(payload, dict) or payload.get("format") != LDM_FORMAT:
-        raise InputError(f"{path}: not a medldm ldm.pt file")
-    if payload["format_version"] != LDM_VERSION:
-        raise InputError(f"{path}: ldm.pt format version {payload['format_version']}, this medldm reads "
-                         f"{LDM_VERSION}; retrain with this version")
+    payload = load_model_file(path, ("format", LDM_FORMAT), LDM_VERSION, "train_ldm")
     if vae_path is not None:
         found = sha256_file(vae_path)
         if found != payload["vae_sha256"]:
