@@ -267,7 +267,7 @@ class Trainer:
             stopping = self._should_stop(step)
             if main and (stopping or step % cfg["checkpoint_every"] == 0 or step == total):
                 self._checkpoint(step)
-            if stopping and step < total:
+            if stopping:  # even at the last step: the rerun resumes there and writes ldm.pt
                 log.warning("stopped at step %d; checkpoint written, a rerun resumes", step)
                 bar.close()
                 return EXIT_INTERRUPTED

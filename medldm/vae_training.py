@@ -279,6 +279,8 @@ class VAETrainer:
         finally:
             if self.metrics is not None:
                 self.metrics.close()
+        if self._stop_requested():  # signal during the last epoch's end (its checkpoint is written)
+            return Trained(self.net, self.epoch, True, self.eval_split, self.val_metrics, self.montage)
         if not self.validated:  # finished in an earlier job: evaluate once more for the outputs
             self.validate(self.epoch)
         return Trained(self.net, self.epoch, False, self.eval_split, self.val_metrics, self.montage)

@@ -36,6 +36,15 @@ class StopAtStep:
         return self.trainer.step >= self.step
 
 
+class SignalledWhileValidating:
+    """A stop flag that turns true once the trainer has validated (a SIGTERM after the last step)."""
+
+    trainer = None
+
+    def __bool__(self) -> bool:
+        return self.trainer.validated
+
+
 def _metrics(run_dir) -> list[dict]:
     with open(run_dir / "metrics.csv") as fh:
         return [{k: v for k, v in row.items() if k != "train/volumes_per_s"} for row in csv.DictReader(fh)]
@@ -94,6 +103,21 @@ def test_signal_checkpoints_exits_75_and_rerun_resumes(tmp_path, monkeypatch, ca
     assert train_vae.main(args(3)) == 0  # more epochs: same run, resumed
     assert "resumed at epoch 2, batch 1 (step 3)" in caplog.text
     assert out.exists() and [r["step"] for r in _metrics(tmp_path / "run")] == ["2", "4", "6"]
+
+
+def test_signal_during_final_validation_still_stops(tmp_path):
+    """SIGTERM after the last step (while validating) must not be swallowed: exit interrupted
+    with the final checkpoint written; the rerun only writes the outputs."""
+    data = toy_set(6, splits=SPLITS)
+    settings = vae_settings(train={"epochs": 2, "checkpoint_every": 5, "val_every": 2})
+    stop = SignalledWhileValidating()
+    first = VAETrainer(settings, data.subset("train"), data.subset("val"), tmp_path, len(LABELS), CPU, stop)
+    stop.trainer = first
+    assert first.run().interrupted
+    assert Checkpoints(tmp_path).latest().name == "ckpt-000000004.pt"
+    rerun = VAETrainer(settings, data.subset("train"), data.subset("val"), tmp_path, len(LABELS), CPU)
+    result = rerun.run()
+    assert not result.interrupted and result.epochs_done == 2 and rerun.step == 4
 
 
 def test_a_run_with_other_settings_is_moved_aside(tmp_path):

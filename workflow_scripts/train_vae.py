@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         trainer = VAETrainer(settings, train, val, args.run_dir, len(labels), device, stop)
         result = trainer.run()
     if result.interrupted:
-        log.warning("stopped at epoch %d by signal; checkpoint written, rerun to resume", result.epochs_done + 1)
+        log.warning("stopped by signal after %d epochs; checkpoint written, rerun to resume", result.epochs_done)
         return EXIT_INTERRUPTED
     if is_main_process():
         write_outputs(args, settings, prepare, classes, labels, data, result)

@@ -43,7 +43,7 @@ def pipeline_config() -> dict:
     """config/test.yaml with GPU resources per rule and even less training."""
     config = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
     # long enough for train_vae to be cancelled after its first checkpoint
-    config["vae"]["demo"]["train"].update(epochs=8, checkpoint_every=2, val_every=8)
+    config["vae"]["demo"]["train"].update(epochs=300, checkpoint_every=5, val_every=300)
     config["ldm"]["demo"]["train"].update(
         steps=10, warmup_steps=2, log_every=5, val_every=10, checkpoint_every=10
     )
