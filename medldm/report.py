@@ -224,6 +224,9 @@ def _fid_section(metrics: dict[str, dict], figures: Path) -> Section:
                  f"{spec['min_foreground']:.0%} of pixels above {spec['empty_threshold']} dropped. Weights: "
                  f"{weights['source']} (sha256 {weights['sha256'][:12]}). Real reference: the {first['real_split']} "
                  f"split ({first['n_volumes']['real']} volumes).")
+    if not weights.get("verified"):
+        section.text("The Inception weights are not pytorch-fid's published ones (evaluate.fid.allow_unverified): "
+                     "these FID and KID values are not comparable with any published figure.", css="warn")
     rows = [{"set": name, **r} for name, m in metrics.items() for r in m["fid"]["rows"]]
     columns = [("set", "sample set"), ("group", "group"), ("axis", "axis"), ("fid", "FID"),
                ("kid_mean", "KID"), ("kid_std", "KID std"), ("n_real", "real slices"),

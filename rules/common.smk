@@ -161,7 +161,7 @@ EVAL = f"{RESULTS}/eval"
 EVALUATE = config["evaluate"]
 CLASSIFIER = EVALUATE["classifier"]["enabled"] and len(config["classes"]) >= 2
 SALIENCY = CLASSIFIER and EVALUATE["classifier"]["saliency_subjects"] > 0
-_FID_FETCH_KEYS = ("weights", "allow_download", "allow_convert")
+_FID_FETCH_KEYS = ("weights", "allow_download", "allow_convert", "allow_unverified")
 
 
 def fid_settings(fetch):

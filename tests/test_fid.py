@@ -15,9 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+from medldm import fid as fid_module
 from medldm.errors import InputError
 from medldm.fid import (
     AXES,
+    CONVERTED,
     WEIGHTS_FILE,
     SliceFeatures,
     SliceSpec,
@@ -34,6 +36,8 @@ from medldm.fid import (
     statistics,
     volume_slices,
 )
+from medldm.io import write_json
+from medldm.provenance import sha256_file
 
 CPU = torch.device("cpu")
 DIMS = 64  # first max-pool features: fast on CPU, still pytorch-fid's real code path
@@ -174,14 +178,39 @@ def test_provision_weights_chain(torch_home, tmp_path):
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="not a usable"):
         provision_weights(str(broken), allow_download=False, allow_convert=False, target=target)
-    record = provision_weights(str(source), allow_download=False, allow_convert=False, target=target)
+    with pytest.raises(InputError, match="not pytorch-fid's published"):  # random weights: refused
+        provision_weights(str(source), allow_download=False, allow_convert=False, target=target)
+    record = provision_weights(str(source), allow_download=False, allow_convert=False, allow_unverified=True,
+                               target=target)
     assert record["source"] == "config" and record["found"] == "provisioned now"
-    assert target.is_file() and not record["matches_published_hash_prefix"]
+    assert target.is_file() and not record["matches_published_hash_prefix"] and not record["verified"]
     stored = json.loads(record_path(target).read_text())
     assert stored["sha256"] == record["sha256"] and stored["detail"]["copied_from"] == str(source.resolve())
-    again = provision_weights(allow_download=False, allow_convert=False, target=target)
+    again = provision_weights(allow_download=False, allow_convert=False, allow_unverified=True, target=target)
     assert again["found"] == "already present" and again["source"] == "config"
     assert load_inception(DIMS, CPU, target).dims == DIMS
+
+
+def test_wrong_weights_in_the_hub_are_replaced(torch_home, tmp_path, monkeypatch):
+    """A file at pytorch-fid's path that is not the published one (here: other random weights) is
+    moved aside and provisioned again, never silently used."""
+    published = torch_home / "hub" / "checkpoints" / WEIGHTS_FILE
+    monkeypatch.setattr(fid_module, "HASH_PREFIX", sha256_file(published)[:8])  # pretend it is the real one
+    target = tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE
+    save_random_weights(target, seed=1)
+    record = provision_weights(str(published), allow_download=False, allow_convert=False, target=target)
+    assert record["found"] == "provisioned now" and record["verified"]
+    assert sha256_file(target) == sha256_file(published)
+    assert len(list(target.parent.glob(f"{WEIGHTS_FILE}.rejected-*"))) == 1
+    # a recorded conversion vouches for its own sha256 only
+    converted = tmp_path / "conv" / WEIGHTS_FILE
+    save_random_weights(converted, seed=2)
+    write_json(record_path(converted), {"source": CONVERTED, "sha256": sha256_file(converted), "detail": {}})
+    assert provision_weights(allow_download=False, allow_convert=False, target=converted)["verified"]
+    save_random_weights(converted, seed=3)  # replaced behind the record's back
+    with pytest.raises(InputError, match="set evaluate.fid.weights"):
+        provision_weights(allow_download=False, allow_convert=False, target=converted)
+    assert not converted.exists()
 
 
 def test_load_inception_never_downloads(tmp_path):

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     real = load_prepared(args.manifest, classes, with_labels=False).subset(args.split)
     real_msssim = msssim_by_group(real.images[:, 0].numpy(), real.class_index, classes, msssim)
     result = {
-        "fid": {"dims": fid["dims"], "rows": rows, "weights": {k: record[k] for k in ("source", "sha256", "weights")},
+        "fid": {"dims": fid["dims"], "rows": rows, "weights": {k: record.get(k) for k in ("source", "sha256", "weights", "verified")},
                 "slice_spec": reference.meta["slice_spec"]},
         "msssim": {"kernel_size": msssim["kernel_size"],
                    "scale_weights": diversity.fit_msssim(real.shape, msssim["kernel_size"], msssim.get("scales")),

@@ -25,9 +25,12 @@ def main(argv=None) -> int:
     setup_logging()
     fid = load_settings(args.settings)
     record = provision_weights(fid.get("weights"), allow_download=fid.get("allow_download", True),
-                               allow_convert=fid.get("allow_convert", True))
+                               allow_convert=fid.get("allow_convert", True),
+                               allow_unverified=fid.get("allow_unverified", False))
     write_json(args.out, record)
-    print(f"FID weights: {record['weights']} ({record['source']}, {record['found']}, sha256 {record['sha256'][:12]})")
+    verified = "verified" if record["verified"] else "UNVERIFIED: FID values not comparable"
+    print(f"FID weights: {record['weights']} ({record['source']}, {record['found']}, "
+          f"sha256 {record['sha256'][:12]}, {verified})")
     return 0
 
 
