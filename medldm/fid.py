@@ -323,12 +323,14 @@ def read_record(path: str | os.PathLike) -> dict:
 
 @contextlib.contextmanager
 def _hub_dir(path: Path) -> Iterator[None]:
-    previous = torch.hub.get_dir()
+    """torch hub dir set to ``path`` for pytorch-fid's loader, then unset again: restoring with
+    ``set_dir(get_dir())`` would pin the dir and ignore later TORCH_HOME changes."""
+    previous = getattr(torch.hub, "_hub_dir", None)  # None unless someone called set_dir
     torch.hub.set_dir(str(path))
     try:
         yield
     finally:
-        torch.hub.set_dir(previous)
+        torch.hub._hub_dir = previous
 
 
 def load_inception(dims: int, device: torch.device, weights: str | os.PathLike | None = None):

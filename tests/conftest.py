@@ -53,6 +53,15 @@ def run_snakemake(workdir: Path, *args: str, config: dict | None = None, timeout
     return proc
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_torch_home(tmp_path_factory):
+    """No test reads or writes the user's torch cache (~/.cache/torch)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home_default")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def test_config() -> dict:
     """A fresh copy of config/test.yaml (the tiny end-to-end configuration)."""

@@ -213,6 +213,14 @@ def test_wrong_weights_in_the_hub_are_replaced(torch_home, tmp_path, monkeypatch
     assert not converted.exists()
 
 
+def test_load_inception_leaves_the_hub_dir_to_torch_home(torch_home, tmp_path, monkeypatch):
+    """Loading must not pin torch's hub dir: tests (and users) that change TORCH_HOME later must
+    never write into the real ~/.cache/torch."""
+    load_inception(DIMS, CPU, torch_home / "hub" / "checkpoints" / WEIGHTS_FILE)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert torch.hub.get_dir() == str(tmp_path / "hub")
+
+
 def test_load_inception_never_downloads(tmp_path):
     with pytest.raises(InputError, match="fid_weights"):
         load_inception(2048, CPU, tmp_path / "checkpoints" / WEIGHTS_FILE)
