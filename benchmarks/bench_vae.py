@@ -32,6 +32,7 @@ from torch.utils.data import TensorDataset
 from medldm import autoencoder as ae
 from medldm.data import PreparedSet
 from medldm.io import write_json
+from medldm.runtime import memory_format
 from medldm.vae_training import VAETrainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,14 +59,15 @@ def ours(settings: dict, data: PreparedSet, epochs: int, workdir: Path) -> list[
 def bare(settings: dict, data: PreparedSet, epochs: int) -> list[float]:
     """The MONAI tutorial loop on the same model, data and batch size."""
     torch.manual_seed(settings["train"]["seed"])
-    model = ae.build_autoencoder(settings["model"], 1)
+    layout = memory_format(torch.device("cpu"))  # the same layout as our loop
+    model = ae.build_autoencoder(settings["model"], 1).to(memory_format=layout)
     opt = torch.optim.AdamW(model.parameters(), lr=settings["train"]["lr"])
     loader = DataLoader(TensorDataset(data.images), batch_size=settings["train"]["batch_size"], shuffle=True)
     rates = []
     for _ in range(epochs):
         tic, count = time.perf_counter(), 0
         for (x,) in loader:
-            recon, mu, sigma = model(x)
+            recon, mu, sigma = model(x.contiguous(memory_format=layout))
             loss = torch.nn.functional.l1_loss(recon, x) + settings["loss"]["kl_weight"] * ae.kl_loss(mu, sigma)
             opt.zero_grad(set_to_none=True)
             loss.backward()

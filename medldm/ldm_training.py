@@ -26,7 +26,7 @@ from medldm.errors import EXIT_INTERRUPTED, InputError
 from medldm.h5layout import Header, open_latents
 from medldm.models.factory import build_diffusion_model, check_latent_shape
 from medldm.provenance import code_version, config_hash, sha256_file
-from medldm.runtime import MetricsLog, autocast, init_distributed, is_main_process, seed_everything
+from medldm.runtime import MetricsLog, autocast, init_distributed, is_main_process, seed_everything, warmup_cosine
 from medldm.vae_training import claim_run_dir
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,6 @@ def batch_weights(labels: torch.Tensor, balance: bool) -> torch.Tensor:
         return torch.ones(len(labels))
     counts = torch.bincount(labels)
     return 1.0 / counts[labels].float()
-
-
-def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -156,8 +148,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg["ema_decay"])
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"],
                                            weight_decay=cfg["weight_decay"])
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: cosine_lr(s, cfg["steps"], cfg["warmup_steps"], cfg["min_lr_ratio"]))
+        self.lr_schedule = warmup_cosine(self.optimizer, cfg["steps"], cfg["warmup_steps"], cfg["min_lr_ratio"])
         if is_main_process():
             claim_run_dir(self.run_dir, config_hash({
                 "model": self.settings["model"], "strategy": self.settings["strategy"],

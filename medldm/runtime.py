@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import math
 import os
 import random
 import sys
@@ -44,6 +45,25 @@ def autocast(device: torch.device, enabled: bool = True):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """Layout for 3D conv networks: channels-last on CPU (a VAE training step ~1.6x faster on our
+    2 cores); the default elsewhere (not measured on CUDA)."""
+    return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
+
+
+def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total: int, warmup: int, min_ratio: float):
+    """Per-step LR schedule of both trainers (its state goes into their checkpoints)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total, warmup, min_ratio))
 
 
 def seed_everything(seed: int) -> None:

@@ -30,7 +30,7 @@ from medldm.data import PreparedSet
 from medldm.errors import InputError
 from medldm.io import write_json
 from medldm.montage import save_montage
-from medldm.runtime import MetricsLog, autocast, is_main_process, seed_everything
+from medldm.runtime import MetricsLog, autocast, is_main_process, memory_format, seed_everything, warmup_cosine
 
 log = logging.getLogger(__name__)
 RUN_KEY_FILE = "run.json"
@@ -103,7 +103,9 @@ class VAETrainer:
         seed_everything(self.train_cfg["seed"] + self.rank)
 
         spatial_dims = settings["model"]["spatial_dims"]
-        self.net = ae.build_autoencoder(settings["model"], ae.io_channels(self.paired, n_labels)).to(device)
+        self.layout = memory_format(device)
+        self.net = ae.build_autoencoder(settings["model"], ae.io_channels(self.paired, n_labels))
+        self.net.to(device, memory_format=self.layout)
         self.disc = ae.build_discriminator(settings["loss"], spatial_dims)
         self.losses = ae.Losses(settings["loss"], spatial_dims, self.disc)
         if self.losses.perceptual is not None:
@@ -111,6 +113,9 @@ class VAETrainer:
         self.opt = torch.optim.AdamW(
             self.net.parameters(), lr=self.train_cfg["lr"], weight_decay=self.train_cfg["weight_decay"]
         )
+        per_epoch = len(epoch_batches(len(train), self.train_cfg["batch_size"], 0, 0, self.rank, self.world))
+        self.lr_schedule = warmup_cosine(self.opt, per_epoch * self.train_cfg["epochs"],
+                                         self.train_cfg["warmup_steps"], self.train_cfg["min_lr_ratio"])
         self.model, self.disc_model, self.opt_d = self.net, None, None
         if self.disc is not None:
             self.disc.to(device)
@@ -136,7 +141,8 @@ class VAETrainer:
 
     # -- state ---------------------------------------------------------------------------------
     def _state(self) -> dict:
-        state = {"model": self.net.state_dict(), "opt": self.opt.state_dict(), "epoch": self.epoch,
+        state = {"model": self.net.state_dict(), "opt": self.opt.state_dict(),
+                 "lr_schedule": self.lr_schedule.state_dict(), "epoch": self.epoch,
                  "batch": self.batch, "partial": self.partial, "val_metrics": self.val_metrics}
         if self.disc is not None:
             state |= {"disc": self.disc.state_dict(), "opt_d": self.opt_d.state_dict()}
@@ -150,6 +156,7 @@ class VAETrainer:
             return
         self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.disc is not None and "disc" in state:
             self.disc.load_state_dict(state["disc"])
             self.opt_d.load_state_dict(state["opt_d"])
@@ -186,7 +193,7 @@ class VAETrainer:
     def train_step(self, image: torch.Tensor, label: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One optimiser step of the autoencoder (and of the discriminator when it is on)."""
         self.model.train()
-        x = ae.to_network_input(image, label, self.n_labels)
+        x = ae.to_network_input(image, label, self.n_labels).contiguous(memory_format=self.layout)
         with autocast(self.device, self.train_cfg["bf16"]):
             out, mu, sigma = self.model(x)
             parts = self.losses(out, image, label, mu, sigma, self.epoch)
@@ -194,6 +201,7 @@ class VAETrainer:
         parts["total"].backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.train_cfg["grad_clip"])
         self.opt.step()
+        self.lr_schedule.step()
         if self.losses.adversarial_on(self.epoch):
             with autocast(self.device, self.train_cfg["bf16"]):
                 parts["disc"] = self.losses.discriminator_loss(self.disc_model, out[:, :1].float(), image)

@@ -55,6 +55,8 @@ def test_training_halves_the_reconstruction_loss(tmp_path):
     after = _recon_l1(result.model, data)
     assert trainer.step == 60
     assert after < 0.5 * before, (before, after)
+    # warm-up then cosine decay to lr * min_lr_ratio at the last step
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(3e-3 * 0.1)
     metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert len(metrics) == 21 and "train/kl" in metrics[0] and "train/volumes_per_s" in metrics[0]
 
