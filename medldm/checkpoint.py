@@ -7,6 +7,7 @@ A run directory (not a Snakemake output, so Snakemake never deletes it on failur
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -17,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medldm.io import atomic_path
+from medldm.errors import InputError
+from medldm.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 _CKPT = re.compile(r"^ckpt-(\d+)\.pt$")
+RUN_KEY_FILE = "run.json"  # identity of the run a run directory belongs to
 
 
 def save_torch(path: str | os.PathLike, payload: dict) -> None:
@@ -40,8 +43,6 @@ def load_model_file(path: str | os.PathLike, tag: tuple[str, str], version: int,
     ``tag`` is the (key, value) pair that marks the kind of file; errors name the file and the
     rule that writes it.
     """
-    from medldm.errors import InputError
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file; run the {rule} rule first")
@@ -136,3 +137,26 @@ class StopFlag:
 
     def __bool__(self) -> bool:
         return self.received is not None
+
+
+def claim_run_dir(run_dir: str | Path, key: str) -> None:
+    """Make ``run_dir`` the home of the run identified by ``key``.
+
+    A run directory left by different settings or data (another ``key``) is renamed to
+    ``<run_dir>.stale-<old key>`` rather than resumed from or deleted.
+    """
+    run_dir = Path(run_dir)
+    marker = run_dir / RUN_KEY_FILE
+    if marker.is_file():
+        old = json.loads(marker.read_text())["key"]
+        if old == key:
+            return
+        stale = run_dir.with_name(f"{run_dir.name}.stale-{old}")
+        n = 1
+        while stale.exists():
+            stale, n = run_dir.with_name(f"{run_dir.name}.stale-{old}-{n}"), n + 1
+        run_dir.rename(stale)
+        log.warning("settings or data changed: moved the previous run %s to %s; starting afresh", run_dir, stale)
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        raise InputError(f"{run_dir} holds files but no {RUN_KEY_FILE}: move it away or delete it")
+    write_json(marker, {"key": key})

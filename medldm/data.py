@@ -77,14 +77,15 @@ def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bo
     """Load every subject of the manifest (paths in it are relative to the working directory).
 
     Label maps are loaded when ``with_labels`` and the manifest has them. All volumes must share
-    one grid shape; the first subject's affine is the grid's (a differing affine is logged).
+    one grid shape and voxel axes; each keeps its own origin (its real position), and outputs made
+    for the set use the first subject's affine.
     """
     manifest_path = Path(manifest_path)
     table = read_manifest(manifest_path)
     if table.empty:
         raise InputError(f"manifest {manifest_path} lists no subjects")
     with_labels = with_labels and bool((table["label"] != "").all())
-    images, labels, affine = [], [], None
+    images, labels, affine, moved = [], [], None, 0
     for _, row in tqdm(table.iterrows(), total=len(table), desc="loading prepared data", unit="vol", disable=None):
         image, img_affine = _load(row["image"], np.float32, manifest_path)
         if affine is None:
@@ -94,11 +95,16 @@ def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bo
                 f"{row['image']}: shape {image.shape} differs from {shape} of the other subjects; "
                 "all prepared volumes must share prepare.shape"
             )
+        elif not np.allclose(img_affine[:3, :3], affine[:3, :3], atol=1e-3):
+            log.warning("%s: voxel axes or spacing differ from the first subject's (not from prepare?); "
+                        "outputs use the first subject's affine", row["image"])
         elif not np.allclose(img_affine, affine, atol=1e-3):
-            log.warning("%s: affine differs from the first subject's; outputs use the first one", row["image"])
+            moved += 1
         images.append(image)
         if with_labels:
             labels.append(_load(row["label"], np.uint8, manifest_path)[0])
+    if moved:
+        log.info("%d of %d subjects have their own origin; outputs use the first subject's affine", moved, len(table))
     return PreparedSet(
         subject_ids=table["subject_id"].tolist(),
         class_index=class_indices(table["class"].tolist(), classes, f"manifest {manifest_path}"),

@@ -20,14 +20,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medldm import diffusion
-from medldm.checkpoint import Checkpoints, StopFlag
+from medldm.checkpoint import Checkpoints, StopFlag, claim_run_dir
 from medldm.ema import EMA
 from medldm.errors import EXIT_INTERRUPTED, InputError
 from medldm.h5layout import Header, open_latents
 from medldm.models.factory import build_diffusion_model, check_latent_shape
 from medldm.provenance import code_version, config_hash, sha256_file
-from medldm.runtime import MetricsLog, autocast, init_distributed, is_main_process, seed_everything, warmup_cosine
-from medldm.vae_training import claim_run_dir
+from medldm.runtime import (
+    MetricsLog,
+    autocast,
+    init_distributed,
+    is_main_process,
+    seed_everything,
+    warmup_cosine,
+)
 
 log = logging.getLogger(__name__)
 

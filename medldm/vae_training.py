@@ -10,7 +10,6 @@ Under torchrun every rank trains on its shard (DistributedSampler); only rank 0 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,12 +27,17 @@ from medldm import autoencoder as ae
 from medldm.checkpoint import Checkpoints
 from medldm.data import PreparedSet
 from medldm.errors import InputError
-from medldm.io import write_json
 from medldm.montage import save_montage
-from medldm.runtime import MetricsLog, autocast, is_main_process, memory_format, seed_everything, warmup_cosine
+from medldm.runtime import (
+    MetricsLog,
+    autocast,
+    is_main_process,
+    memory_format,
+    seed_everything,
+    warmup_cosine,
+)
 
 log = logging.getLogger(__name__)
-RUN_KEY_FILE = "run.json"
 
 
 @dataclass
@@ -46,29 +50,6 @@ class Trained:
     eval_split: str = "val"
     val_metrics: dict = field(default_factory=dict)
     montage: Path | None = None
-
-
-def claim_run_dir(run_dir: str | Path, key: str) -> None:
-    """Make ``run_dir`` the home of the run identified by ``key``.
-
-    A run directory left by different settings or data (another ``key``) is renamed to
-    ``<run_dir>.stale-<old key>`` rather than resumed from or deleted.
-    """
-    run_dir = Path(run_dir)
-    marker = run_dir / RUN_KEY_FILE
-    if marker.is_file():
-        old = json.loads(marker.read_text())["key"]
-        if old == key:
-            return
-        stale = run_dir.with_name(f"{run_dir.name}.stale-{old}")
-        n = 1
-        while stale.exists():
-            stale, n = run_dir.with_name(f"{run_dir.name}.stale-{old}-{n}"), n + 1
-        run_dir.rename(stale)
-        log.warning("settings or data changed: moved the previous run %s to %s; starting afresh", run_dir, stale)
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
-        raise InputError(f"{run_dir} holds files but no {RUN_KEY_FILE}: move it away or delete it")
-    write_json(marker, {"key": key})
 
 
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[torch.Tensor]:

@@ -18,8 +18,8 @@ from medldm.checkpoint import load_torch
 from medldm.errors import EXIT_INTERRUPTED, InputError
 from medldm.h5layout import open_latents
 from medldm.ldm_training import Trainer, batch_weights
-from medldm.runtime import cosine_lr
 from medldm.provenance import sha256_file
+from medldm.runtime import cosine_lr
 from tests.conftest import REPO, snakemake_env
 from tests.ldm_toys import (  # noqa: F401 (one_thread is a fixture)
     SHAPE,

@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 from medldm import autoencoder as ae
-from medldm.checkpoint import StopFlag
+from medldm.checkpoint import StopFlag, claim_run_dir
 from medldm.data import load_prepared
 from medldm.errors import EXIT_INTERRUPTED, run_cli
 from medldm.io import atomic_path
 from medldm.provenance import config_hash, provenance, sha256_file
 from medldm.runtime import init_distributed, is_main_process, pick_device, setup_logging
 from medldm.settings import load_settings
-from medldm.vae_training import VAETrainer, claim_run_dir
+from medldm.vae_training import VAETrainer
 
 log = logging.getLogger("train_vae")
 # Settings that may change without invalidating a run's checkpoints (more epochs resume it).
