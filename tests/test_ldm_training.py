@@ -85,6 +85,16 @@ def test_resume_continues_exactly(toy, tmp_path):
     assert trainer.start == 0 and list(tmp_path.glob("stopped.stale-*"))
 
 
+def test_signal_on_the_last_step_still_stops(toy, tmp_path):
+    """A stop request polled at the very last step checkpoints and exits 75 (no ldm.pt): under
+    SLURM the job is being killed anyway; the rerun resumes there and only writes ldm.pt."""
+    trainer, code = train(toy, tmp_path, "run", stop=StopAt(40))  # ldm_settings: 40 steps
+    assert code == EXIT_INTERRUPTED and not (tmp_path / "run.pt").exists()
+    assert (tmp_path / "run" / "ckpt-000000040.pt").is_file()
+    trainer, code = train(toy, tmp_path, "run")
+    assert code == 0 and trainer.start == 40 and (tmp_path / "run.pt").is_file()
+
+
 def test_ldm_pt_records_what_it_was_trained_against(toy, tmp_path):
     vae, latents = toy
     train(toy, tmp_path, train={"steps": 8})
