@@ -1,8 +1,20 @@
-"""Preparation of one subject: load, check, reorient to RAS, resample, crop/pad around the head,
-normalise intensity, remap labels. The prepared affine is the true geometry of the new grid."""
+"""Preparation of one subject: load, check, reorient to RAS, resample, crop/pad around the head
+(or body), normalise intensity, remap labels. The prepared affine is the true geometry of the new grid.
+
+Intensity models (config ``prepare.intensity``):
+
+``mri``   percentiles of the head (voxels above ``foreground_threshold`` x the robust maximum)
+          clipped to [0, 1]; background stays 0.
+``ct``    a Hounsfield window (``[low, high]`` or a preset name) clipped and scaled to [0, 1]; the
+          fill value outside the field of view is the window's low end (air, not water); the
+          foreground used for cropping is the body, voxels above -500 HU. No head mask.
+``fixed`` a given ``[low, high]`` input range clipped and scaled to [0, 1]; the foreground is the
+          voxels above ``low + foreground_threshold x (high - low)``.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,14 +24,58 @@ from scipy import ndimage
 
 from medldm.errors import InputError
 
+log = logging.getLogger(__name__)
+
+# Hounsfield windows as [low, high] (level -/+ width / 2).
+CT_WINDOWS = {
+    "lung": (-1350.0, 150.0),  # level -600, width 1500
+    "brain": (0.0, 80.0),  # level 40, width 80
+    "soft_tissue": (-150.0, 250.0),  # level 50, width 400
+    "bone": (-500.0, 1300.0),  # level 400, width 1800
+}
+DEFAULT_CT_WINDOW = (-1000.0, 400.0)
+CT_BODY_HU = -500.0  # air and the field of view's fill lie below, every tissue but lung above
 
 @dataclass
 class Prepared:
     image: np.ndarray  # (X, Y, Z) float32 in [0, 1]
     label: np.ndarray | None  # (X, Y, Z) uint8, values 0..L-1
     affine: np.ndarray  # (4, 4) voxel -> world (RAS mm) of the prepared grid
-    p_low: float  # intensity percentiles used for the normalisation (input units)
+    p_low: float  # input intensities mapped to 0 and 1 (percentiles, or the window)
     p_high: float
+
+
+@dataclass(frozen=True)
+class IntensityModel:
+    """How input intensities become [0, 1] (see the module docstring)."""
+
+    name: str  # mri | ct | fixed
+    window: tuple[float, float] | None = None  # ct and fixed: input range mapped to [0, 1]
+
+
+def intensity_model(settings: dict | None) -> IntensityModel:
+    """The config's ``prepare.intensity`` section, checked; ``None`` or ``{}`` is ``mri``."""
+    settings = settings or {}
+    name, window = settings.get("model", "mri"), settings.get("window")
+    if name == "mri":
+        if window is not None:
+            raise InputError("config prepare.intensity: `window` is for the ct and fixed models; "
+                             "mri scales by prepare.percentiles")
+        return IntensityModel("mri")
+    if name == "ct" and window is None:
+        window = DEFAULT_CT_WINDOW
+    elif isinstance(window, str):
+        if name != "ct" or window not in CT_WINDOWS:
+            raise InputError(f"config prepare.intensity.window: {window!r} is not a window preset of the "
+                             f"ct model (presets: {sorted(CT_WINDOWS)}); or give [low, high]")
+        window = CT_WINDOWS[window]
+    if window is None:
+        raise InputError("config prepare.intensity: the fixed model needs `window: [low, high]`, the input "
+                         "range mapped to [0, 1]")
+    low, high = (float(v) for v in window)
+    if not high > low:
+        raise InputError(f"config prepare.intensity.window: [{low}, {high}] must have low < high")
+    return IntensityModel(name, (low, high))
 
 
 def load_nifti_3d(path: str | Path, what: str = "image") -> nib.Nifti1Image:
@@ -113,21 +169,47 @@ def remap_labels(label: np.ndarray, label_values: list[int], path: Path) -> np.n
     return lut[label.astype(np.int64)]
 
 
+def scale_window(data: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Clip to [low, high] and scale to [0, 1]."""
+    return np.clip((np.asarray(data, np.float32) - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def warn_if_ct_like(data: np.ndarray, path) -> None:
+    """MRI preparation of a CT (values far below 0) keeps only dense tissue: say so."""
+    lowest = float(data.min())
+    if lowest < CT_BODY_HU:
+        log.warning("%s: values down to %g look like CT in Hounsfield units, but prepare.intensity.model "
+                    "is mri, which keeps only tissue above the head threshold (lung and soft tissue "
+                    "become 0): set prepare.intensity: {model: ct, window: ...}", path, lowest)
+
+
 def prepare_subject(image_path, label_path, *, spacing, shape, percentiles, foreground_threshold,
-                    label_values: list[int] | None = None) -> Prepared:
+                    label_values: list[int] | None = None, intensity: dict | None = None) -> Prepared:
     """The whole preparation of one subject (see the module docstring)."""
+    model = intensity_model(intensity)
     img = load_nifti_3d(image_path, "image")
     data, affine = to_ras(img)
     if np.ptp(data) == 0:
         raise InputError(f"{image_path}: image is constant ({data.flat[0]}); nothing to prepare")
-    image, new_affine = resample(data, affine, spacing, order=1)
-    mask = head_mask(image, foreground_threshold)
+    if model.name == "mri":
+        warn_if_ct_like(data, image_path)
+        image, new_affine = resample(data, affine, spacing, order=1)
+        mask = head_mask(image, foreground_threshold)
+        where = f"above foreground_threshold {foreground_threshold}"
+    else:  # scaled first, so that resampling and padding fill with the window's low end (0)
+        lo, hi = model.window
+        level = CT_BODY_HU if model.name == "ct" else lo + foreground_threshold * (hi - lo)
+        image, new_affine = resample(scale_window(data, lo, hi), affine, spacing, order=1)
+        body, _ = resample((data > level).astype(np.float32), affine, spacing, order=1)
+        mask = body > 0.5
+        where = f"above {level:g} (the {model.name} model's foreground level)"
     if not mask.any():
-        raise InputError(f"{image_path}: no head found above foreground_threshold {foreground_threshold}")
+        raise InputError(f"{image_path}: no foreground found {where}")
     centre = np.argwhere(mask).mean(axis=0)
     image, out_affine = crop_or_pad(image, new_affine, centre, shape)
-    mask, _ = crop_or_pad(mask, new_affine, centre, shape)
-    image, lo, hi = normalise(image, mask, percentiles)
+    if model.name == "mri":
+        mask, _ = crop_or_pad(mask, new_affine, centre, shape)
+        image, lo, hi = normalise(image, mask, percentiles)
     label = None
     if label_path:
         label = _prepare_label(Path(label_path), img, spacing, new_affine, centre, shape, label_values)

@@ -14,6 +14,7 @@ from snakemake.utils import validate
 
 from medldm.demo import demo_subjects
 from medldm.errors import InputError
+from medldm.prepare import intensity_model
 from medldm.samplesheet import check_samples, read_table
 
 # Jobs run `python -m workflow_scripts.<stage>` and import medldm from this checkout, from any
@@ -21,6 +22,11 @@ from medldm.samplesheet import check_samples, read_table
 shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 validate(config, "../config/schemas/config.schema.yaml", set_default=True)
+
+try:
+    intensity_model(config["prepare"]["intensity"])
+except InputError as err:
+    raise WorkflowError(str(err))
 
 RESULTS = config["results"]
 PREPARED = f"{RESULTS}/prepared"

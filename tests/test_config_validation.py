@@ -81,3 +81,9 @@ def test_labels_for_some_subjects_only(tmp_path):
 def test_unknown_sheet_column(tmp_path, header):
     out = dry_run_error(tmp_path, user_config(tmp_path, good_rows(tmp_path), header=header))
     assert "condition" in out
+
+
+def test_intensity_model_checked_before_any_job(tmp_path):
+    config = user_config(tmp_path, good_rows(tmp_path))
+    config["prepare"] = {"intensity": {"model": "fixed"}}
+    assert "fixed model needs `window" in dry_run_error(tmp_path, config)

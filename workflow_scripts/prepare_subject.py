@@ -31,6 +31,7 @@ def main(argv=None) -> int:
         args.image, args.label,
         spacing=settings["spacing"], shape=settings["shape"], percentiles=settings["percentiles"],
         foreground_threshold=settings["foreground_threshold"], label_values=label_values,
+        intensity=settings.get("intensity"),
     )
     save_nifti(args.out_image, prepared.image, prepared.affine)
     if prepared.label is not None:
