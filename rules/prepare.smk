@@ -1,6 +1,10 @@
 # Preparation: one job per subject, then the manifest (splits per group), splits.tsv and a montage.
 
 
+localrules:
+    manifest,
+
+
 rule prepare:
     input:
         unpack(prepare_inputs),
