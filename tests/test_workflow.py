@@ -23,7 +23,9 @@ def test_lint_has_no_errors():
 
 
 def test_light_steps_are_localrules(tmp_path):
-    """README: the light steps (manifest, FID weights fetch, report) run on the login node."""
+    """README: the light steps (manifest, FID weights fetch, report) run on the login node.
+    Snakemake has no public accessor for the localrules and dry runs do not mark them: read the
+    workflow's set (a private attribute) through its API."""
     code = (
         "import sys; from pathlib import Path\n"
         "from snakemake.api import SnakemakeApi\n"
