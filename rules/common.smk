@@ -15,7 +15,7 @@ from snakemake.utils import validate
 from medldm.demo import demo_subjects
 from medldm.errors import InputError
 from medldm.prepare import intensity_model
-from medldm.samplesheet import check_samples, read_table
+from medldm.samplesheet import check_samples, read_table, resolve_splits
 
 # Jobs run `python -m workflow_scripts.<stage>` and import medldm from this checkout, from any
 # working directory and inside per-rule conda environments.
@@ -32,6 +32,12 @@ RESULTS = config["results"]
 PREPARED = f"{RESULTS}/prepared"
 DEMO = config["demo"]["enabled"]
 SAMPLE_SHEET = f"{RESULTS}/demo/samples.tsv" if DEMO else config.get("samples", "")
+SPLIT_FILE = config["split"]["file"] or ""
+if SPLIT_FILE and os.path.abspath(SPLIT_FILE) == os.path.abspath(f"{PREPARED}/splits.tsv"):
+    raise WorkflowError(
+        f"config: split.file {SPLIT_FILE} is the file the workflow writes: "
+        "copy it (e.g. to config/splits.tsv) and set split.file to the copy"
+    )
 
 
 def settings_json(section):
@@ -65,12 +71,14 @@ def load_samples():
             raise WorkflowError(
                 "config: set `samples` to your sample sheet (TSV), or `demo: {enabled: true}`"
             )
-        sheet, check_files = read_table(SAMPLE_SHEET, "sample sheet"), True
-        validate(sheet, "../config/schemas/samples.schema.yaml")
+        sheet, check_files = None, True
+    where = f"sample sheet {SAMPLE_SHEET}"
     try:
-        sheet = check_samples(
-            sheet, config["classes"], f"sample sheet {SAMPLE_SHEET}", check_files
-        )
+        if sheet is None:
+            sheet = read_table(SAMPLE_SHEET, "sample sheet")
+            validate(sheet, "../config/schemas/samples.schema.yaml")
+        sheet = check_samples(sheet, config["classes"], where, check_files)
+        resolve_splits(sheet, config["split"], where)  # group or pinned-split conflicts stop here
     except InputError as err:
         raise WorkflowError(str(err))
     has_labels = (sheet["label"] != "").all()

@@ -1,4 +1,8 @@
-# Preparation: one job per subject, then the manifest (subject-level splits) and a montage.
+# Preparation: one job per subject, then the manifest (splits per group), splits.tsv and a montage.
+
+
+localrules:
+    manifest,
 
 
 rule prepare:
@@ -23,8 +27,10 @@ rule manifest:
     input:
         sheet=SAMPLE_SHEET,
         infos=expand(f"{PREPARED}/{{subject}}/info.json", subject=SUBJECTS),
+        pinned_splits=SPLIT_FILE or [],
     output:
         manifest=f"{PREPARED}/manifest.tsv",
+        splits=f"{PREPARED}/splits.tsv",
         montage=report(
             f"{PREPARED}/montage.png",
             caption="../report/prepared.rst",
@@ -41,6 +47,7 @@ rule manifest:
         "python -m workflow_scripts.make_manifest --samples {input.sheet:q}"
         " --infos {input.infos:q}"
         " --split-settings {params.split:q} --classes {params.classes:q} --out {output.manifest:q}"
+        " --splits {output.splits:q}"
         " --montage {output.montage:q} > {log} 2>&1"
 
 

@@ -87,3 +87,27 @@ def test_intensity_model_checked_before_any_job(tmp_path):
     config = user_config(tmp_path, good_rows(tmp_path))
     config["prepare"] = {"intensity": {"model": "fixed"}}
     assert "fixed model needs `window" in dry_run_error(tmp_path, config)
+
+
+@pytest.mark.parametrize("rows", [[], [["#s0", "a.nii.gz", "", "HC"]]], ids=["header-only", "all-commented"])
+def test_empty_sheet_stops_before_any_job(tmp_path, rows):
+    config = user_config(tmp_path, rows)
+    out = dry_run_error(tmp_path, config)
+    assert f"sample sheet {config['samples']} lists no subjects" in out and "Traceback" not in out
+
+
+def test_group_with_two_classes_stops_before_any_job(tmp_path):
+    rows = [[*row, "p1"] for row in good_rows(tmp_path)]
+    rows[2][3] = "TLE"
+    out = dry_run_error(tmp_path, user_config(tmp_path, rows, header="subject_id\timage\tlabel\tclass\tgroup"))
+    assert "group 'p1' (s0, s1, s2) have different classes ['HC', 'TLE']" in out
+
+
+def test_pinned_split_file_is_an_input_of_the_manifest(tmp_path):
+    config = user_config(tmp_path, good_rows(tmp_path))
+    (tmp_path / "pinned.tsv").write_text("subject_id\tsplit\ns0\ttest\ns9\tval\n")
+    config["split"] = {"file": str(tmp_path / "pinned.tsv")}
+    proc = run_snakemake(tmp_path, "-n", "prepared", config=config)
+    assert "pinned.tsv" in proc.stdout
+    (tmp_path / "pinned.tsv").write_text("subject_id\tsplit\ns0\ttested\n")
+    assert "splits ['tested'] are not among ['train', 'val', 'test']" in dry_run_error(tmp_path, config)

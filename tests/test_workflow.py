@@ -20,3 +20,23 @@ def test_lint_has_no_errors():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "Congratulations" in out or "Lints for" not in out, out
+
+
+def test_light_steps_are_localrules(tmp_path):
+    """README: the light steps (manifest, FID weights fetch, report) run on the login node.
+    Snakemake has no public accessor for the localrules and dry runs do not mark them: read the
+    workflow's set (a private attribute) through its API."""
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from snakemake.api import SnakemakeApi\n"
+        "from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings\n"
+        "with SnakemakeApi(OutputSettings()) as api:\n"
+        "    config = ConfigSettings(configfiles=[Path(sys.argv[1])])\n"
+        "    workflow = api.workflow(ResourceSettings(), config, snakefile=Path(sys.argv[2]), workdir=Path(sys.argv[3]))\n"
+        "    print(','.join(sorted(workflow._workflow._localrules)))\n"
+    )
+    proc = subprocess.run([str(BIN / "python"), "-c", code, str(REPO / "config" / "config.yaml"),
+                           str(REPO / "Snakefile"), str(tmp_path)],
+                          capture_output=True, text=True, env=snakemake_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "fid_weights,manifest,report"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Aggregate prepared subjects into manifest.tsv (subject-level splits) and a mid-slice montage."""
+"""Aggregate prepared subjects into manifest.tsv and splits.tsv (splits per group) and a mid-slice montage."""
 
 from __future__ import annotations
 
@@ -13,21 +13,26 @@ import pandas as pd
 
 from medldm.errors import run_cli
 from medldm.io import atomic_path
-from medldm.samplesheet import MANIFEST_COLUMNS, assign_splits, check_samples, read_table
+from medldm.samplesheet import (
+    MANIFEST_COLUMNS,
+    SPLITS_COLUMNS,
+    check_samples,
+    read_table,
+    resolve_splits,
+)
 from medldm.settings import load_settings
 
 
-def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list[str]):
-    sheet = check_samples(sheet, classes, "sample sheet", check_files=False)
-    sheet["split"] = assign_splits(sheet, split_settings["val_fraction"], split_settings["test_fraction"],
-                                   split_settings["seed"])
+def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list[str], where="sample sheet"):
+    sheet = check_samples(sheet, classes, where, check_files=False)
+    sheet["split"] = resolve_splits(sheet, split_settings, where)
     folders = {path.parent.name: path.parent for path in infos}
     rows = []
     for _, row in sheet.iterrows():
         folder = folders[row["subject_id"]]
         info = json.loads((folder / "info.json").read_text())
         rows.append({
-            "subject_id": row["subject_id"], "class": row["class"], "split": row["split"],
+            "subject_id": row["subject_id"], "group": row["group"], "class": row["class"], "split": row["split"],
             "image": str(folder / "image.nii.gz"),
             "label": str(folder / "label.nii.gz") if row["label"] else "",
             "shape": "x".join(str(s) for s in info["shape"]),
@@ -57,17 +62,22 @@ def main(argv=None) -> int:
     parser.add_argument("--split-settings", required=True, help="the config's `split` section (JSON)")
     parser.add_argument("--classes", default="", help="comma-separated class names")
     parser.add_argument("--out", required=True, help="manifest.tsv to write")
+    parser.add_argument("--splits", default="", help="splits.tsv to write (subject_id, group, class, split)")
     parser.add_argument("--montage", default="", help="PNG montage of mid-slices per class (optional)")
     args = parser.parse_args(argv)
     classes = [c for c in args.classes.split(",") if c]
     manifest = build_manifest(read_table(args.samples, "sample sheet"), args.infos,
-                              load_settings(args.split_settings), classes)
+                              load_settings(args.split_settings), classes, f"sample sheet {args.samples}")
+    if args.splits:
+        with atomic_path(args.splits) as tmp:
+            manifest[SPLITS_COLUMNS].to_csv(tmp, sep="\t", index=False)
     with atomic_path(args.out) as tmp:
         manifest.to_csv(tmp, sep="\t", index=False)
     if args.montage:
         write_montage(manifest, Path(args.montage))
     counts = manifest.groupby(["split", "class"]).size().to_dict()
-    print(f"manifest: {len(manifest)} subjects, split x class counts {counts}")
+    print(f"manifest: {len(manifest)} subjects in {manifest['group'].nunique()} groups, "
+          f"split x class counts {counts}")
     return 0
 
 
