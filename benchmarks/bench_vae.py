@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     settings = vae_settings(args.config, args.vae)
     images = torch.from_numpy(np.random.default_rng(0).random((args.volumes, 1, *args.shape), dtype=np.float32))
     data = PreparedSet([f"b{i}" for i in range(args.volumes)], np.zeros(args.volumes, np.int64),
-                       ["train"] * args.volumes, images, None, np.eye(4))
+                       ["train"] * args.volumes, images, None, np.tile(np.eye(4), (args.volumes, 1, 1)))
     ours_rates, bare_rates = [], []
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:

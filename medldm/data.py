@@ -26,7 +26,8 @@ class PreparedSet:
     """Subjects of a manifest, in manifest order.
 
     images ``(N, 1, X, Y, Z)`` float32 in [0, 1]; labels ``(N, X, Y, Z)`` uint8 or None;
-    class_index ``(N,)`` int64 (-1 for no class); affine ``(4, 4)`` of the prepared grid.
+    class_index ``(N,)`` int64 (-1 for no class); affines ``(N, 4, 4)``: each subject's prepared
+    affine (all share voxel axes and spacing; each keeps its own origin).
     """
 
     subject_ids: list[str]
@@ -34,7 +35,13 @@ class PreparedSet:
     splits: list[str]
     images: torch.Tensor
     labels: torch.Tensor | None
-    affine: np.ndarray
+    affines: np.ndarray
+
+    @property
+    def affine(self) -> np.ndarray:
+        """The reference affine of the grid: the first subject's. Outputs with no source subject
+        (generated volumes) are placed with it."""
+        return self.affines[0]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -52,6 +59,7 @@ class PreparedSet:
             splits=[self.splits[i] for i in keep],
             images=self.images[keep],
             labels=None if self.labels is None else self.labels[keep],
+            affines=self.affines[keep],
         )
 
     def subset(self, split: str) -> PreparedSet:
@@ -77,15 +85,14 @@ def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bo
     """Load every subject of the manifest (paths in it are relative to the working directory).
 
     Label maps are loaded when ``with_labels`` and the manifest has them. All volumes must share
-    one grid shape and voxel axes; each keeps its own origin (its real position), and outputs made
-    for the set use the first subject's affine.
+    one grid shape and voxel axes; each keeps its own origin (its real position) in ``affines``.
     """
     manifest_path = Path(manifest_path)
     table = read_manifest(manifest_path)
     if table.empty:
         raise InputError(f"manifest {manifest_path} lists no subjects")
     with_labels = with_labels and bool((table["label"] != "").all())
-    images, labels, affine, moved = [], [], None, 0
+    images, labels, affines, affine, moved = [], [], [], None, 0
     for _, row in tqdm(table.iterrows(), total=len(table), desc="loading prepared data", unit="vol", disable=None):
         image, img_affine = _load(row["image"], np.float32, manifest_path)
         if affine is None:
@@ -97,19 +104,21 @@ def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bo
             )
         elif not np.allclose(img_affine[:3, :3], affine[:3, :3], atol=1e-3):
             log.warning("%s: voxel axes or spacing differ from the first subject's (not from prepare?); "
-                        "outputs use the first subject's affine", row["image"])
+                        "generated volumes use the first subject's affine", row["image"])
         elif not np.allclose(img_affine, affine, atol=1e-3):
             moved += 1
         images.append(image)
+        affines.append(img_affine)
         if with_labels:
             labels.append(_load(row["label"], np.uint8, manifest_path)[0])
     if moved:
-        log.info("%d of %d subjects have their own origin; outputs use the first subject's affine", moved, len(table))
+        log.info("%d of %d subjects have their own origin (kept per subject); generated volumes use the first "
+                 "subject's affine", moved, len(table))
     return PreparedSet(
         subject_ids=table["subject_id"].tolist(),
         class_index=class_indices(table["class"].tolist(), classes, f"manifest {manifest_path}"),
         splits=table["split"].tolist(),
         images=torch.from_numpy(np.stack(images))[:, None],
         labels=torch.from_numpy(np.stack(labels)) if with_labels else None,
-        affine=np.asarray(affine, dtype=np.float64),
+        affines=np.stack(affines).astype(np.float64),
     )

@@ -8,16 +8,22 @@ Two kinds of file, each stamped with ``kind`` and ``format_version`` attributes 
     subject_id    (N,) str                  subject id, or sample id
     class_index   (N,) int64                index into ``class_names``; -1 for "no class"
     split         (N,) str                  train / val / test, or "synthetic"
+    affine        (N, 4, 4) float64         voxel -> world of the row's volume: a real subject's own
+                                            prepared affine; ``grid_affine`` for generated rows
     label         (N, X, Y, Z) uint8        prepared label maps (optional)
     channel_mean  (C,) float32              mean of ``mu`` over all latent voxels of the train split
     channel_std   (C,) float32              std of ``mu`` over the same voxels
     attrs: scale_factor (1 / overall std of train ``mu``), grid_affine (4x4) and grid_shape (3,)
     of the prepared image grid, class_names, label_names, vae_sha256, settings (JSON text).
+    ``grid_affine`` is the reference affine: the first prepared subject's (manifest order).
+    Subjects share voxel axes and spacing but each keeps its own origin, so a volume decoded from a
+    real subject's latent is placed with its row's ``affine``; generated volumes have no source
+    subject and are placed with ``grid_affine``.
 
 ``volumes`` (``decode`` writes it; evaluation reads it)
     image         (N, X, Y, Z) float32      intensities in [0, 1] on the prepared grid
     label         (N, X, Y, Z) uint8        label maps (optional)
-    subject_id, class_index, split          as above
+    subject_id, class_index, split, affine  as above
     attrs: grid_affine, grid_shape, class_names, label_names, settings.
 
 Latents are stored unscaled: a consumer multiplies by ``scale_factor`` before diffusion and
@@ -41,12 +47,18 @@ import numpy as np
 from medldm.errors import InputError
 from medldm.io import atomic_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-row affine (version 1 kept one affine for every subject)
 LATENTS, VOLUMES = "latents", "volumes"
 _STR = h5py.string_dtype()
 _REQUIRED = {
-    LATENTS: ("mu", "subject_id", "class_index", "split", "channel_mean", "channel_std"),
-    VOLUMES: ("image", "subject_id", "class_index", "split"),
+    LATENTS: ("mu", "subject_id", "class_index", "split", "affine", "channel_mean", "channel_std"),
+    VOLUMES: ("image", "subject_id", "class_index", "split", "affine"),
+}
+# How to re-create a file of another format version, by kind (named in the refusal).
+_RECREATE = {
+    LATENTS: "rerun export_latents (real subjects) or sample (a sample set), e.g. "
+             "`snakemake --forcerun export_latents sample`",
+    VOLUMES: "rerun decode (`snakemake --forcerun decode_reconstructions decode_samples`)",
 }
 _REQUIRED_ATTRS = ("grid_affine", "grid_shape", "class_names", "label_names", "settings")
 
@@ -67,11 +79,16 @@ class Header:
 class _Writer:
     """Fills a file opened by ``create_latents`` / ``create_volumes`` row by row."""
 
-    def __init__(self, h5: h5py.File, n: int):
-        self.h5, self.n, self.count = h5, n, 0
+    def __init__(self, h5: h5py.File, n: int, grid_affine: np.ndarray):
+        self.h5, self.n, self.count, self.grid_affine = h5, n, 0, grid_affine
 
-    def append(self, subject_id: str, class_index: int, split: str, **arrays: np.ndarray) -> None:
-        """Write one sample; ``arrays`` are mu/logvar/label (latents) or image/label (volumes)."""
+    def append(self, subject_id: str, class_index: int, split: str, *, affine: np.ndarray | None = None,
+               **arrays: np.ndarray) -> None:
+        """Write one sample; ``arrays`` are mu/logvar/label (latents) or image/label (volumes).
+
+        ``affine``: the volume's own voxel -> world affine (a real subject's prepared affine);
+        None for a generated volume, which is placed on the header's ``grid_affine``.
+        """
         i = self.count
         if i >= self.n:
             raise IndexError(f"file was created for {self.n} samples")
@@ -84,6 +101,7 @@ class _Writer:
         self.h5["subject_id"][i] = subject_id
         self.h5["class_index"][i] = class_index
         self.h5["split"][i] = split
+        self.h5["affine"][i] = self.grid_affine if affine is None else np.asarray(affine, dtype=np.float64)
         self.count += 1
 
     def set_latent_stats(self, channel_mean, channel_std, scale_factor: float) -> None:
@@ -109,6 +127,7 @@ def _create_rows(h5: h5py.File, n: int) -> None:
     h5.create_dataset("subject_id", (n,), dtype=_STR)
     h5.create_dataset("class_index", (n,), dtype=np.int64)
     h5.create_dataset("split", (n,), dtype=_STR)
+    h5.create_dataset("affine", (n, 4, 4), dtype=np.float64)
 
 
 def _create_array(h5: h5py.File, name: str, n: int, shape: Sequence[int], dtype) -> None:
@@ -122,7 +141,7 @@ def _create(path, kind: str, n: int, header: Header) -> Iterator[tuple[h5py.File
         with h5py.File(tmp, "w") as h5:
             _write_header(h5, kind, header)
             _create_rows(h5, n)
-            writer = _Writer(h5, n)
+            writer = _Writer(h5, n, np.asarray(header.grid_affine, dtype=np.float64))
             yield h5, writer
             if writer.count != n:
                 raise RuntimeError(f"{path}: wrote {writer.count} of {n} samples")
@@ -140,8 +159,8 @@ def create_latents(
 ) -> Iterator[_Writer]:
     """Create a latents file for ``n`` samples of ``latent_shape`` (C, d, h, w), atomically.
 
-    Append every sample with ``writer.append(subject_id, class_index, split, mu=..., logvar=...,
-    label=...)``; the file only appears at ``path`` if the block completes with all ``n`` written.
+    Append every sample with ``writer.append(subject_id, class_index, split, affine=..., mu=...,
+    logvar=..., label=...)``; the file only appears at ``path`` if the block completes with all ``n`` written.
     """
     with _create(path, LATENTS, n, header) as (h5, writer):
         _create_array(h5, "mu", n, latent_shape, np.float32)
@@ -170,7 +189,7 @@ class H5File:
     """A checked, read-only view of a medldm HDF5 file; arrays are read lazily by index.
 
     ``f.mu[i]``, ``f.image[a:b]``, ``f.label`` (None when absent), ``f.subject_ids``,
-    ``f.class_index``, ``f.splits``, ``f.header``. Use as a context manager or call ``close()``.
+    ``f.class_index``, ``f.splits``, ``f.affines`` (N, 4, 4), ``f.header``. Use as a context manager or call ``close()``.
     """
 
     def __init__(self, path: str | os.PathLike, kind: str):
@@ -199,6 +218,7 @@ class H5File:
         self.subject_ids = [s.decode() if isinstance(s, bytes) else s for s in self.h5["subject_id"][:]]
         self.class_index = self.h5["class_index"][:]
         self.splits = [s.decode() if isinstance(s, bytes) else s for s in self.h5["split"][:]]
+        self.affines = self.h5["affine"][:]
 
     def _check(self, kind: str) -> None:
         attrs, where = self.h5.attrs, str(self.path)
@@ -208,8 +228,9 @@ class H5File:
         version = int(attrs.get("format_version", -1))
         if version != FORMAT_VERSION:
             raise InputError(
-                f"{where}: format version {version}, this medldm reads version {FORMAT_VERSION}; "
-                "re-create the file with this version of medldm"
+                f"{where}: format version {version}, this medldm reads version {FORMAT_VERSION} "
+                f"(version 2 added each subject's own affine); re-create the file with this medldm: "
+                f"{_RECREATE[kind]}"
             )
         missing = [k for k in _REQUIRED[kind] if k not in self.h5]
         missing += [f"attribute {a}" for a in _REQUIRED_ATTRS if a not in attrs]
@@ -219,9 +240,11 @@ class H5File:
             raise InputError(f"{where}: missing {', '.join(missing)}; the file is incomplete or not from medldm")
         n = self.h5["subject_id"].shape[0]
         main = "mu" if kind == LATENTS else "image"
-        for name in (main, "logvar", "label", "class_index", "split"):
+        for name in (main, "logvar", "label", "class_index", "split", "affine"):
             if name in self.h5 and self.h5[name].shape[0] != n:
                 raise InputError(f"{where}: dataset {name} has {self.h5[name].shape[0]} rows, expected {n}")
+        if self.h5["affine"].shape[1:] != (4, 4):
+            raise InputError(f"{where}: dataset affine has shape {self.h5['affine'].shape}, expected ({n}, 4, 4)")
         if "logvar" in self.h5 and self.h5["logvar"].shape != self.h5["mu"].shape:
             raise InputError(f"{where}: logvar shape {self.h5['logvar'].shape} != mu shape {self.h5['mu'].shape}")
         if kind == VOLUMES and tuple(self.h5["image"].shape[1:]) != tuple(attrs["grid_shape"]):

@@ -14,7 +14,7 @@ from medldm import autoencoder as ae
 from medldm import h5layout
 from medldm.errors import InputError
 from medldm.vae_training import VAETrainer, evaluate_reconstruction
-from tests.vae_toys import LABELS, single_thread, toy_set, vae_settings, write_prepared  # noqa: F401
+from tests.vae_toys import AFFINE, LABELS, single_thread, toy_set, vae_settings, write_prepared  # noqa: F401
 from workflow_scripts import decode, export_latents, train_vae
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -139,7 +139,7 @@ def test_train_export_decode_round_trip(tmp_path):
         assert np.array_equal(vol.label[:], direct_label)
         assert vol.subject_ids == data.subject_ids and vol.header.label_names == LABELS
     img = nib.load(nifti_dir / "toy04" / "image.nii.gz")
-    assert np.allclose(img.affine, data.affine) and img.shape == (16, 16, 16)
+    assert np.allclose(img.affine, data.affines[4]) and img.shape == (16, 16, 16)
     assert np.allclose(img.get_fdata(), direct_image[4], atol=1e-5)
     assert nib.load(nifti_dir / "toy04" / "label.nii.gz").get_data_dtype() == np.uint8
 
@@ -150,3 +150,54 @@ def test_train_export_decode_round_trip(tmp_path):
     with pytest.raises(InputError, match="another autoencoder"):
         decode.main(["--vae", str(other), "--latents", str(latents_path), "--settings", inference,
                      "--out", str(tmp_path / "x.h5"), "--nifti-dir", str(tmp_path / "x")])
+
+
+def _untrained_vae(path, settings, shape=(16, 16, 16)) -> None:
+    """vae.pt of an untrained tiny autoencoder (geometry does not depend on training)."""
+    channels = ae.io_channels(settings["paired_labels"], len(LABELS))
+    net = ae.build_autoencoder(settings["model"], channels)
+    factor = ae.downsampling(settings["model"])
+    ae.save_vae(path, net, {
+        "settings": settings, "channels": channels, "classes": ["HC", "TLE"], "labels": LABELS,
+        "prepare": {"shape": list(shape)}, "grid_affine": AFFINE, "grid_shape": list(shape),
+        "latent_shape": [settings["model"]["latent_channels"], *(s // factor for s in shape)],
+    })
+
+
+def test_decoded_reconstructions_keep_each_subjects_affine(tmp_path):
+    """Prepared subjects with different origins: each decoded NIfTI carries its own subject's affine,
+    and a generated latent (no source subject) is placed on the grid's reference affine."""
+    data = toy_set(4, splits=["train", "train", "val", "test"])
+    manifest = write_prepared(tmp_path / "prepared", data)
+    prepared = [nib.load(tmp_path / "prepared" / sid / "image.nii.gz").affine for sid in data.subject_ids]
+    assert not np.allclose(prepared[1], prepared[0])  # the subjects really differ in origin
+    settings = vae_settings(paired_labels=True)
+    vae_path, latents_path = tmp_path / "vae.pt", tmp_path / "latents.h5"
+    _untrained_vae(vae_path, settings)
+    inference = json.dumps(settings["inference"])
+    assert export_latents.main(["--vae", str(vae_path), "--manifest", str(manifest), "--settings", inference,
+                                "--out", str(latents_path)]) == 0
+    nifti = tmp_path / "reconstructions" / "nifti"
+    assert decode.main(["--vae", str(vae_path), "--latents", str(latents_path), "--settings", inference,
+                        "--out", str(tmp_path / "reconstructions" / "reconstructions.h5"),
+                        "--nifti-dir", str(nifti)]) == 0
+    for sid, affine in zip(data.subject_ids, prepared, strict=True):
+        for name in ("image.nii.gz", "label.nii.gz"):
+            written = nib.load(nifti / sid / name)
+            np.testing.assert_allclose(written.affine, affine, atol=1e-6, err_msg=f"{sid}/{name}")
+            np.testing.assert_allclose(written.header.get_sform(), affine, atol=1e-6)
+    with h5layout.open_volumes(tmp_path / "reconstructions" / "reconstructions.h5") as volumes:
+        np.testing.assert_allclose(volumes.affines, np.stack(prepared), atol=1e-6)
+
+    # a generated latent has no source subject: it is decoded onto the grid's reference affine
+    generated = tmp_path / "generated.h5"
+    with h5layout.open_latents(latents_path) as real:
+        header, mu = real.header, real.mu[0]
+    with h5layout.create_latents(generated, 1, mu.shape, header, with_logvar=False) as writer:
+        writer.append("syn-00000", 0, "synthetic", mu=mu)
+        writer.set_latent_stats(np.zeros(mu.shape[0]), np.ones(mu.shape[0]), header.scale_factor)
+    assert decode.main(["--vae", str(vae_path), "--latents", str(generated), "--settings", inference,
+                        "--out", str(tmp_path / "generated" / "volumes.h5"),
+                        "--nifti-dir", str(tmp_path / "generated" / "nifti")]) == 0
+    np.testing.assert_allclose(nib.load(tmp_path / "generated" / "nifti" / "syn-00000" / "image.nii.gz").affine,
+                               prepared[0], atol=1e-6)

@@ -18,13 +18,21 @@ def _header(**extra) -> h5layout.Header:
                            label_names=["bg", "fg"], settings={"a": 1}, **extra)
 
 
+def _origin(i: int) -> np.ndarray:
+    """Subject ``i``'s own affine: the grid's axes, its own origin."""
+    affine = AFFINE.copy()
+    affine[:3, 3] = [i, -2.0 * i, 0.5]
+    return affine
+
+
 def _write_latents(path, n=3):
     rng = np.random.default_rng(0)
     mu = rng.normal(size=(n, 2, 4, 4, 4)).astype(np.float32)
     labels = rng.integers(0, 2, (n, 8, 8, 8)).astype(np.uint8)
     with h5layout.create_latents(path, n, (2, 4, 4, 4), _header(vae_sha256="abc"), label_shape=(8, 8, 8)) as w:
         for i in range(n):
-            w.append(f"s{i}", i % 2, "train" if i else "val", mu=mu[i], logvar=-mu[i], label=labels[i])
+            w.append(f"s{i}", i % 2, "train" if i else "val", affine=_origin(i), mu=mu[i], logvar=-mu[i],
+                     label=labels[i])
         w.set_latent_stats([0.1, 0.2], [1.0, 2.0], 0.5)
     return mu, labels
 
@@ -38,6 +46,7 @@ def test_latents_round_trip(tmp_path):
         assert np.array_equal(f.label[:], labels) and list(f.class_index) == [0, 1, 0]
         assert np.allclose(f.channel_mean[:], [0.1, 0.2]) and f.header.scale_factor == 0.5
         assert np.array_equal(f.header.grid_affine, AFFINE) and f.header.grid_shape == (8, 8, 8)
+        assert np.array_equal(f.affines, np.stack([_origin(i) for i in range(3)]))
         assert f.header.vae_sha256 == "abc" and f.header.settings == {"a": 1}
         assert list(f.indices("train")) == [1, 2]
         assert f.h5["mu"].chunks == (1, 2, 4, 4, 4)
@@ -52,6 +61,8 @@ def test_volumes_round_trip(tmp_path):
     with h5layout.open_volumes(path) as f:
         assert np.array_equal(f.image[:], image) and f.label[1].sum() == (image[1] > 0.5).sum()
         assert list(f.class_index) == [-1, -1]
+        # rows without a source subject (generated volumes) sit on the grid's reference affine
+        assert np.array_equal(f.affines, np.stack([AFFINE, AFFINE]))
 
 
 def test_an_incomplete_file_is_never_left_behind(tmp_path):
@@ -66,6 +77,8 @@ def test_an_incomplete_file_is_never_left_behind(tmp_path):
     ("damage", "message"),
     [
         (lambda h5: h5.attrs.__setitem__("format_version", 99), "format version 99"),
+        (lambda h5: h5.attrs.__setitem__("format_version", 1), "format version 1.*rerun export_latents"),
+        (lambda h5: h5.__delitem__("affine"), "missing affine"),
         (lambda h5: h5.attrs.__setitem__("kind", "volumes"), "expected a medldm latents file"),
         (lambda h5: h5.__delitem__("channel_std"), "missing channel_std"),
         (lambda h5: h5.attrs.__delitem__("scale_factor"), "missing attribute scale_factor"),

@@ -19,6 +19,13 @@ CLASSES = ["HC", "TLE"]
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
 
 
+def shifted(affine: np.ndarray, i: int) -> np.ndarray:
+    """``affine`` with its origin moved by a subject-specific offset (prepared subjects' own positions)."""
+    out = affine.copy()
+    out[:3, 3] += [3.0 * i, -2.0 * i, 1.5 * i]
+    return out
+
+
 def vae_settings(**sections) -> dict:
     """A tiny autoencoder's settings, schema defaults filled; ``sections`` update the defaults,
     e.g. ``train={"epochs": 3}``."""
@@ -51,6 +58,7 @@ def phantom(rng: np.random.Generator, shape) -> tuple[np.ndarray, np.ndarray]:
 
 
 def toy_set(n: int, shape=(16, 16, 16), seed: int = 0, splits=None) -> PreparedSet:
+    """``n`` phantoms on one grid; subject ``i`` has its own origin (``shifted(AFFINE, i)``)."""
     rng = np.random.default_rng(seed)
     pairs = [phantom(rng, shape) for _ in range(n)]
     splits = splits or ["train"] * n
@@ -60,7 +68,7 @@ def toy_set(n: int, shape=(16, 16, 16), seed: int = 0, splits=None) -> PreparedS
         splits=list(splits),
         images=torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None],
         labels=torch.from_numpy(np.stack([p[1] for p in pairs])),
-        affine=AFFINE,
+        affines=np.stack([shifted(AFFINE, i) for i in range(n)]),
     )
 
 
@@ -69,8 +77,8 @@ def write_prepared(root: Path, data: PreparedSet) -> Path:
     rows = []
     for i, sid in enumerate(data.subject_ids):
         image, label = root / sid / "image.nii.gz", root / sid / "label.nii.gz"
-        save_nifti(image, data.images[i, 0].numpy(), data.affine)
-        save_nifti(label, data.labels[i].numpy(), data.affine)
+        save_nifti(image, data.images[i, 0].numpy(), data.affines[i])
+        save_nifti(label, data.labels[i].numpy(), data.affines[i])
         rows.append({"subject_id": sid, "class": CLASSES[data.class_index[i]], "split": data.splits[i],
                      "image": str(image), "label": str(label), "shape": "x".join(map(str, data.shape)),
                      "spacing": "4x4x4", "p_low": "0", "p_high": "1"})

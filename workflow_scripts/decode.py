@@ -2,7 +2,9 @@
 """Decode a latents HDF5 file (export_latents' real latents, or sampled ones) with vae.pt.
 
 Writes synthetic.h5 (a volumes file: all images, and label maps in paired-label mode) and one
-NIfTI per volume, <nifti-dir>/<id>/image.nii.gz (+ label.nii.gz), on the prepared grid's affine.
+NIfTI per volume, <nifti-dir>/<id>/image.nii.gz (+ label.nii.gz), each with its row's affine:
+a real subject's reconstruction sits where that subject's prepared image sits; a generated
+volume (no source subject) uses the prepared grid's reference affine (the first subject's).
 
 Scaling: every latents file holds UNSCALED latents (posterior mu, or samples already divided by
 the scale factor once by the sampler when it wrote them), so decode feeds ``mu`` to the decoder
@@ -14,8 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-
-import numpy as np
 
 from medldm import autoencoder as ae
 from medldm import h5layout
@@ -74,17 +74,17 @@ def main(argv=None) -> int:
             settings={"latents": str(args.latents), "latents_settings": src.settings,
                       "vae_sha256": src.vae_sha256},
         )
-        affine = np.asarray(src.grid_affine)
         with h5layout.create_volumes(args.out, len(latents), header, with_labels=paired) as writer:
             for start, images, labels in ae.decode_set(net, latents.mu, inference, device):
                 for j, image in enumerate(images):
                     i = start + j
                     sid = latents.subject_ids[i]
-                    label = None if labels is None else labels[j]
+                    label, affine = None if labels is None else labels[j], latents.affines[i]
                     save_nifti(args.nifti_dir / sid / "image.nii.gz", image, affine)
                     if label is not None:
                         save_nifti(args.nifti_dir / sid / "label.nii.gz", label, affine)
-                    writer.append(sid, int(latents.class_index[i]), latents.splits[i], image=image, label=label)
+                    writer.append(sid, int(latents.class_index[i]), latents.splits[i], affine=affine,
+                                  image=image, label=label)
     print(f"{args.out}: decoded {writer.count} volumes{' with label maps' if paired else ''} "
           f"of shape {list(header.grid_shape)}; NIfTI in {args.nifti_dir}")
     return 0

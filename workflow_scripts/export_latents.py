@@ -2,8 +2,9 @@
 """Encode every prepared subject (train, val and test) into one latents HDF5 file.
 
 Stores the posterior mu and logvar (unscaled), subject ids, class, split, label maps when
-present, per-channel mean/std of mu over all latent voxels of the training split, the scale
-factor 1/std (all channels together), the prepared grid and the sha256 of vae.pt.
+present, each subject's own prepared affine, per-channel mean/std of mu over all latent voxels
+of the training split, the scale factor 1/std (all channels together), the prepared grid and the
+sha256 of vae.pt.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
                 i = start + j
                 label = None if data.labels is None else data.labels[i].numpy()
                 writer.append(data.subject_ids[i], int(data.class_index[i]), data.splits[i],
-                              mu=mu[j], logvar=logvar[j], label=label)
+                              affine=data.affines[i], mu=mu[j], logvar=logvar[j], label=label)
                 if data.splits[i] == "train":
                     stats.add(mu[j : j + 1])
         mean, std, scale = stats.result()

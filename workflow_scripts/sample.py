@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     )
     with h5layout.create_latents(args.out, len(latents), ldm.latent_shape, header, with_logvar=False) as writer:
         for i, (latent, cls) in enumerate(zip(latents, classes, strict=True)):
-            writer.append(f"syn-{i:05d}", int(cls), "synthetic", mu=latent)
+            # no source subject: affine=None places the volume on the grid's reference affine
+            writer.append(f"syn-{i:05d}", int(cls), "synthetic", affine=None, mu=latent)
         axes = (0, *range(2, latents.ndim))
         writer.set_latent_stats(latents.mean(axis=axes), latents.std(axis=axes), ldm.scale_factor)
     log.info("wrote %d latents (%s, %d steps, guidance %s) to %s", len(latents), sampler, settings["steps"],
