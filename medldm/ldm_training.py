@@ -186,7 +186,7 @@ class Trainer:
         state = Checkpoints(self.run_dir).load_latest(map_location=self.device)
         if state is None:
             return 0
-        world = state.get("world", 1)
+        world = state.get("world", self.world)  # older checkpoints do not record it
         if world != self.world:  # steps, LR schedule and per-rank seeds are per step: resuming is sound
             log.warning("resuming a run of %d process(es) with %d: the batch per step changes from %d to %d",
                         world, self.world, world * self.cfg["batch_size"], self.world * self.cfg["batch_size"])

@@ -146,7 +146,7 @@ class VAETrainer:
         if state is None:
             log.info("no checkpoint in %s: training from scratch", self.run_dir)
             return
-        world = state.get("world", 1)
+        world = state.get("world", self.world)  # older checkpoints do not record it
         if world != self.world:
             raise InputError(
                 f"{self.run_dir}: its checkpoints were written by {world} training process(es) and this "
