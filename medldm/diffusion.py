@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from medldm.checkpoint import load_model_file, save_torch
 from medldm.errors import InputError
 from medldm.models.factory import build_diffusion_model
-from medldm.provenance import sha256_file
+from medldm.provenance import check_autoencoder
 from medldm.runtime import autocast
 
 SCHEDULES = {"linear": "linear_beta", "scaled_linear": "scaled_linear_beta", "cosine": "cosine"}
@@ -353,13 +353,8 @@ def load_ldm(path: str | os.PathLike, vae_path: str | os.PathLike | None = None,
     the one it was trained against."""
     payload = load_model_file(path, ("format", LDM_FORMAT), LDM_VERSION, "train_ldm")
     if vae_path is not None:
-        found = sha256_file(vae_path)
-        if found != payload["vae_sha256"]:
-            raise InputError(
-                f"{path} was trained on latents of an autoencoder with sha256 {payload['vae_sha256'][:12]}..., "
-                f"but {vae_path} has sha256 {found[:12]}...: decode with the autoencoder the model was "
-                "trained against, or retrain the ldm on this autoencoder's latents"
-            )
+        check_autoencoder(vae_path, payload["vae_sha256"], path, "decode with the autoencoder the model was "
+                          "trained against, or retrain the ldm on this autoencoder's latents")
     shape = tuple(payload["latent_shape"])
     model = build_diffusion_model(payload["model"], shape[0], len(payload["class_names"]))
     model.load_state_dict(payload["ema_state"])

@@ -97,17 +97,23 @@ def summary(values: np.ndarray) -> dict:
     return {"mean": float(values.mean()), "std": float(values.std()), "n": int(values.size)}
 
 
+SSIM_WINDOW = 7  # voxels: every SSIM medldm reports (training logs, vae.pt, the report) uses it
+
+
+def ssim_metric(shape: Sequence[int]) -> SSIMMetric:
+    """MONAI's 3D SSIM (data range 1, Gaussian SSIM_WINDOW window) for volumes of ``shape``."""
+    if min(shape) < SSIM_WINDOW:
+        raise InputError(f"SSIM uses a {SSIM_WINDOW}-voxel window but the volumes are "
+                         f"{'x'.join(map(str, shape))}: raise prepare.shape to at least {SSIM_WINDOW} per axis")
+    return SSIMMetric(spatial_dims=3, data_range=1.0, win_size=SSIM_WINDOW)
+
+
 @torch.no_grad()
-def reconstruction_metrics(real: Sequence[np.ndarray], recon: Sequence[np.ndarray],
-                           kernel_size: int = 7) -> dict[str, np.ndarray]:
+def reconstruction_metrics(real: Sequence[np.ndarray], recon: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """SSIM and PSNR (data range 1) of each reconstruction against its real volume: {ssim, psnr} (N,)."""
     if len(real) != len(recon) or not len(real):
         raise InputError(f"reconstruction metrics need matching, non-empty sets ({len(real)} vs {len(recon)})")
-    shape = real[0].shape
-    if min(shape) < kernel_size:
-        raise InputError(f"SSIM kernel_size {kernel_size} exceeds the volume size {shape}; "
-                         "lower evaluate.msssim.kernel_size")
-    ssim = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=kernel_size)
+    ssim = ssim_metric(real[0].shape)
     psnr = PSNRMetric(max_val=1.0)
     out = {"ssim": [], "psnr": []}
     for x, y in zip(real, recon, strict=True):

@@ -25,7 +25,7 @@ from medldm.ema import EMA
 from medldm.errors import EXIT_INTERRUPTED, InputError
 from medldm.h5layout import Header, open_latents
 from medldm.models.factory import build_diffusion_model, check_latent_shape
-from medldm.provenance import code_version, config_hash, sha256_file
+from medldm.provenance import check_autoencoder, code_version, config_hash, sha256_file
 from medldm.runtime import (
     MetricsLog,
     autocast,
@@ -86,6 +86,15 @@ def batch_weights(labels: torch.Tensor, balance: bool) -> torch.Tensor:
     return 1.0 / counts[labels].float()
 
 
+def run_key(settings: dict, latents_sha256: str) -> str:
+    """Identity of a training run: model, strategy, train settings (bar the resumable ones), data."""
+    return config_hash({
+        "model": settings["model"], "strategy": settings["strategy"],
+        "train": {k: v for k, v in settings["train"].items() if k not in _RESUMABLE},
+        "latents_sha256": latents_sha256,
+    })
+
+
 def _step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
@@ -124,11 +133,8 @@ class Trainer:
         self.latents_sha256 = sha256_file(self.latents_path)
         self.vae_sha256 = data.header.vae_sha256
         if self.vae_path is not None:
-            found = sha256_file(self.vae_path)
-            if self.vae_sha256 and found != self.vae_sha256:
-                raise InputError(f"{self.latents_path} was exported with another autoencoder than "
-                                 f"{self.vae_path}; rerun export_latents")
-            self.vae_sha256 = found
+            self.vae_sha256 = check_autoencoder(self.vae_path, self.vae_sha256, self.latents_path,
+                                                "rerun export_latents")
         self.num_classes, self.null_class = data.num_classes, data.num_classes
         self.latent_shape = tuple(data.mu.shape[1:])
         check_latent_shape(self.settings["model"], self.latent_shape)
@@ -154,13 +160,9 @@ class Trainer:
         self.ema = EMA(self.model, cfg["ema_decay"])
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"],
                                            weight_decay=cfg["weight_decay"])
-        self.lr_schedule = warmup_cosine(self.optimizer, cfg["steps"], cfg["warmup_steps"], cfg["min_lr_ratio"])
+        self._schedule(cfg["steps"])
         if is_main_process():
-            claim_run_dir(self.run_dir, config_hash({
-                "model": self.settings["model"], "strategy": self.settings["strategy"],
-                "train": {k: v for k, v in cfg.items() if k not in _RESUMABLE},
-                "latents_sha256": self.latents_sha256,
-            }))
+            claim_run_dir(self.run_dir, run_key(self.settings, self.latents_sha256))
         if self.world > 1:
             torch.distributed.barrier()
         self.start = self._resume()
@@ -174,10 +176,21 @@ class Trainer:
             else:
                 log.info("torch.compile skipped on CPU (about 1.03x there, after minutes of compiling)")
 
+    def _schedule(self, horizon: int) -> None:
+        """Warm-up and cosine decay over ``horizon`` steps, fixed when the run starts: raising
+        ``steps`` later continues at the final LR (lr x min_lr_ratio) rather than jumping back up."""
+        self.lr_horizon = horizon
+        self.lr_schedule = warmup_cosine(self.optimizer, horizon, self.cfg["warmup_steps"], self.cfg["min_lr_ratio"])
+
     def _resume(self) -> int:
         state = Checkpoints(self.run_dir).load_latest(map_location=self.device)
         if state is None:
             return 0
+        world = state.get("world", self.world)  # older checkpoints do not record it
+        if world != self.world:  # steps, LR schedule and per-rank seeds are per step: resuming is sound
+            log.warning("resuming a run of %d process(es) with %d: the batch per step changes from %d to %d",
+                        world, self.world, world * self.cfg["batch_size"], self.world * self.cfg["batch_size"])
+        self._schedule(state.get("lr_horizon", self.lr_horizon))  # before the optimiser's LR is restored
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -278,6 +291,7 @@ class Trainer:
         Checkpoints(self.run_dir).save(step, {
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+            "lr_horizon": self.lr_horizon, "world": self.world,
         })
 
     def _save_final(self, step: int) -> None:

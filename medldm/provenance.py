@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 from medldm import __version__
+from medldm.errors import InputError
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -17,6 +18,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_autoencoder(vae_path: str | os.PathLike, recorded: str, made: str, fix: str) -> str:
+    """The sha256 of ``vae_path``, once checked against ``recorded``: the sha256 of the
+    autoencoder that ``made`` (a latents or model file) was made with. A mismatch is an
+    InputError naming both files and ``fix``; an empty ``recorded`` is not checked."""
+    found = sha256_file(vae_path)
+    if recorded and found != recorded:
+        raise InputError(
+            f"{made} was made with another autoencoder (sha256 {recorded[:12]}...) than {vae_path} "
+            f"(sha256 {found[:12]}...): {fix}"
+        )
+    return found
 
 
 def config_hash(settings) -> str:

@@ -35,3 +35,17 @@ def require(settings: dict, key: str, where: str):
     if key not in settings:
         raise InputError(f"missing setting {key!r} in {where}")
     return settings[key]
+
+
+def with_cadence(settings: dict, cadence: str | None) -> dict:
+    """``settings`` with the trainer's ``--cadence`` (how often it validates, logs, checkpoints;
+    not a rerun trigger in the workflow) merged into its ``train`` section."""
+    if not cadence:
+        return settings
+    return {**settings, "train": {**settings["train"], **load_settings(cadence)}}
+
+
+def name_list(text: str) -> list[str]:
+    """A comma-separated list of names, as rules pass `classes` and `labels` ("HC,TLE"; "" is
+    none): the argparse ``type`` of every script's --classes and --labels."""
+    return [name for name in text.split(",") if name]

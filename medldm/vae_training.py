@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai.metrics import DiceMetric, PSNRMetric, SSIMMetric
+from monai.metrics import DiceMetric, PSNRMetric
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
@@ -26,6 +26,7 @@ from tqdm import tqdm
 from medldm import autoencoder as ae
 from medldm.checkpoint import Checkpoints
 from medldm.data import PreparedSet
+from medldm.diversity import ssim_metric
 from medldm.errors import InputError
 from medldm.montage import save_montage
 from medldm.runtime import (
@@ -95,8 +96,7 @@ class VAETrainer:
             self.net.parameters(), lr=self.train_cfg["lr"], weight_decay=self.train_cfg["weight_decay"]
         )
         per_epoch = len(epoch_batches(len(train), self.train_cfg["batch_size"], 0, 0, self.rank, self.world))
-        self.lr_schedule = warmup_cosine(self.opt, per_epoch * self.train_cfg["epochs"],
-                                         self.train_cfg["warmup_steps"], self.train_cfg["min_lr_ratio"])
+        self._schedule(per_epoch * self.train_cfg["epochs"])
         self.model, self.disc_model, self.opt_d = self.net, None, None
         if self.disc is not None:
             self.disc.to(device)
@@ -119,11 +119,22 @@ class VAETrainer:
         self.val_metrics: dict = {}
         self.montage: Path | None = None
         self.validated = False  # in this process (the same on every rank)
+        # whole volumes, as in training: the inference section (export and decode) is not a
+        # setting of this run, so changing it never retrains
+        self.validation_decoding = {"batch_size": self.train_cfg["batch_size"]}
+
+    def _schedule(self, horizon: int) -> None:
+        """Warm-up and cosine decay over ``horizon`` steps, fixed when the run starts: more epochs
+        later continue at the final LR (lr x min_lr_ratio) rather than jumping back up."""
+        self.lr_horizon = horizon
+        self.lr_schedule = warmup_cosine(self.opt, horizon, self.train_cfg["warmup_steps"],
+                                         self.train_cfg["min_lr_ratio"])
 
     # -- state ---------------------------------------------------------------------------------
     def _state(self) -> dict:
         state = {"model": self.net.state_dict(), "opt": self.opt.state_dict(),
-                 "lr_schedule": self.lr_schedule.state_dict(), "epoch": self.epoch,
+                 "lr_schedule": self.lr_schedule.state_dict(), "lr_horizon": self.lr_horizon,
+                 "world": self.world, "epoch": self.epoch,
                  "batch": self.batch, "partial": self.partial, "val_metrics": self.val_metrics}
         if self.disc is not None:
             state |= {"disc": self.disc.state_dict(), "opt_d": self.opt_d.state_dict()}
@@ -135,6 +146,15 @@ class VAETrainer:
         if state is None:
             log.info("no checkpoint in %s: training from scratch", self.run_dir)
             return
+        world = state.get("world", self.world)  # older checkpoints do not record it
+        if world != self.world:
+            raise InputError(
+                f"{self.run_dir}: its checkpoints were written by {world} training process(es) and this "
+                f"job runs {self.world}; an autoencoder run's batches and LR schedule depend on that "
+                f"number. Give train_vae {world} GPU(s) again to resume, or move {self.run_dir} away "
+                "to train afresh"
+            )
+        self._schedule(state.get("lr_horizon", self.lr_horizon))  # before the optimiser's LR is restored
         self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
@@ -252,7 +272,7 @@ class VAETrainer:
             shard = shard.select(list(range(self.rank, len(shard), self.world)))
         montage = self.run_dir / "montages" / f"epoch-{epoch:04d}.png" if self.main else None
         self.val_metrics, montage = evaluate_reconstruction(
-            self.net, shard, self.n_labels, self.paired, self.device, self.cfg["inference"], montage,
+            self.net, shard, self.n_labels, self.paired, self.device, self.validation_decoding, montage,
             self.train_cfg["montage_subjects"],
         )
         self.montage, self.validated = montage, True
@@ -282,9 +302,7 @@ def evaluate_reconstruction(net, data: PreparedSet, n_labels: int, paired: bool,
     of originals and reconstructions of the first ``montage_subjects`` subjects. Under torchrun
     this is collective (MONAI metrics gather over ranks): every rank calls it with its shard."""
     net.eval()
-    win = min(11, *data.shape)
-    win -= 1 - win % 2  # odd window that fits the volume
-    ssim = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=win)
+    ssim = ssim_metric(data.shape)
     psnr = PSNRMetric(max_val=1.0)
     dice = DiceMetric(include_background=False, reduction="mean")
     labels = data.labels if paired else None

@@ -7,19 +7,32 @@ import json
 import os
 import re
 import shlex
+import sys
 
 import pandas as pd
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 from medldm.demo import demo_subjects
 from medldm.errors import InputError
 from medldm.prepare import intensity_model
+from medldm.resources import gpus_requested
 from medldm.samplesheet import check_samples, read_table, resolve_splits
+
+
+def jobs_python():
+    """What `python` means in jobs: the interpreter that runs Snakemake (so `.venv/bin/snakemake`
+    works without activating the venv), or the job's own conda env or container's `python`."""
+    own_env = {DeploymentMethod.CONDA, DeploymentMethod.APPTAINER}
+    if own_env & set(workflow.deployment_settings.deployment_method):
+        return ""
+    return f'python() {{{{ {shlex.quote(sys.executable)} "$@"; }}}}; '
+
 
 # Jobs run `python -m workflow_scripts.<stage>` and import medldm from this checkout, from any
 # working directory and inside per-rule conda environments.
-shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; {jobs_python()}")
 
 validate(config, "../config/schemas/config.schema.yaml", set_default=True)
 
@@ -150,19 +163,61 @@ def sample_set_json(wildcards):
     return settings_json(entry)
 
 
-def gpu_count(rule_name):
-    """GPUs a rule's resources ask for: `gpu: N`, `gres: gpu[:type]:N`, or 1 for `gpu_model` alone."""
-    res = rule_resources(rule_name)
-    if "gpu" in res:
-        return int(res["gpu"])
-    match = re.fullmatch(r"gpu(?::[^:]+)?:(\d+)", str(res.get("gres", "")))
-    return int(match.group(1)) if match else int("gpu_model" in res)
+def check_models():
+    """Refuse, before any job, models and sample sets that cannot be right."""
+    for name, entry in config["ldm"].items():
+        train = entry["train"]
+        if "test" in train["splits"] and not train["allow_test_split"]:
+            raise WorkflowError(
+                f"config: ldm.{name}.train.splits includes 'test', the subjects the evaluation holds "
+                f"out; remove it, or set ldm.{name}.train.allow_test_split: true to train on them anyway"
+            )
+    for name, entry in config["sample_sets"].items():
+        ldm = config["ldm"].get(entry["ldm"])
+        if ldm is None or not config["classes"] or entry["guidance_scale"] == 1:
+            continue
+        if ldm["train"]["class_dropout"] == 0:
+            raise WorkflowError(
+                f"config: sample_sets.{name}.guidance_scale is {entry['guidance_scale']} but "
+                f"ldm.{entry['ldm']}.train.class_dropout is 0, so its null class was never trained and "
+                "guidance (any scale but 1) mixes in an untrained prediction: set guidance_scale: 1, "
+                "or class_dropout > 0 (e.g. 0.15) and retrain"
+            )
 
 
-def python_launcher(rule_name):
-    """`python`, or `torchrun` with one process per GPU when the rule asks for several (DDP)."""
-    n = gpu_count(rule_name)
-    return f"torchrun --standalone --nproc_per_node={n}" if n > 1 else "python"
+check_models()
+
+
+def python_launcher(wildcards, resources):
+    """`python`, or torchrun (`python -m torch.distributed.run`) with one process per GPU when the
+    job's resources ask for several (DDP). Derived from resources, so not a rerun trigger: a new
+    GPU count resumes the run (or the trainer explains why it cannot)."""
+    n = gpus_requested(resources)
+    return f"python -m torch.distributed.run --standalone --nproc_per_node={n}" if n > 1 else "python"
+
+
+# Trainer settings that say how a run proceeds, not what it learns: how often it validates,
+# logs and checkpoints, and whether it compiles. A change resumes the run (each trainer's run
+# key leaves them out), so they are not rerun triggers either.
+TRAIN_CADENCE = ("val_every", "log_every", "checkpoint_every", "compile")
+
+
+def not_recorded(param):
+    """A param Snakemake does not record (it takes `resources`, which makes it a derived param),
+    so changing its value never plans a rerun."""
+    return lambda wildcards, resources: param(wildcards)
+
+
+def trainer_settings(entry):
+    """A vae or ldm entry as its trainer's --settings: what changes the trained model (no
+    `inference` section, no TRAIN_CADENCE keys)."""
+    train = {k: v for k, v in entry["train"].items() if k not in (*TRAIN_CADENCE, "allow_test_split")}
+    return settings_json({**{k: v for k, v in entry.items() if k != "inference"}, "train": train})
+
+
+def trainer_cadence(entry):
+    """The TRAIN_CADENCE keys of a vae or ldm entry, as the trainer's --cadence."""
+    return settings_json({k: v for k, v in entry["train"].items() if k in TRAIN_CADENCE})
 
 
 wildcard_constraints:

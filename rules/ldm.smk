@@ -17,10 +17,12 @@ rule train_ldm:
     resources:
         **rule_resources("train_ldm"),
     params:
-        settings=lambda wc: settings_json(ldm_entry(wc.ldm)),
+        settings=lambda wc: trainer_settings(ldm_entry(wc.ldm)),
+        cadence=not_recorded(lambda wc: trainer_cadence(ldm_entry(wc.ldm))),
         run_dir=lambda wc: f"{RESULTS}/runs/ldm/{wc.ldm}",
-        python=python_launcher("train_ldm"),
+        python=python_launcher,
     shell:
         "{params.python} -m workflow_scripts.train_ldm --settings {params.settings:q}"
+        " --cadence {params.cadence:q}"
         " --latents {input.latents:q} --vae {input.vae:q} --run-dir {params.run_dir:q}"
         " --out {output:q} > {log} 2>&1"

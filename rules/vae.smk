@@ -27,14 +27,16 @@ rule train_vae:
     resources:
         **rule_resources("train_vae"),
     params:
-        settings=lambda wc: settings_json(config["vae"][wc.vae]),
+        settings=lambda wc: trainer_settings(config["vae"][wc.vae]),
+        cadence=not_recorded(lambda wc: trainer_cadence(config["vae"][wc.vae])),
         prepare=settings_json(config["prepare"]),
         classes=",".join(config["classes"]),
         labels=",".join(config["labels"]),
         run_dir=lambda wc: f"{RESULTS}/runs/vae/{wc.vae}",
-        python=python_launcher("train_vae"),
+        python=python_launcher,
     shell:
         "{params.python} -m workflow_scripts.train_vae --settings {params.settings:q}"
+        " --cadence {params.cadence:q}"
         " --prepare {params.prepare:q} --manifest {input.manifest:q} --classes {params.classes:q}"
         " --labels {params.labels:q} --run-dir {params.run_dir:q} --out {output.model:q}"
         " --montage {output.montage:q} > {log} 2>&1"
@@ -54,7 +56,8 @@ rule export_latents:
     resources:
         **rule_resources("export_latents"),
     params:
-        settings=lambda wc: settings_json(config["vae"][wc.vae]["inference"]),
+        # only the batch size is read, which does not change the latents: not a rerun trigger
+        settings=not_recorded(lambda wc: settings_json(config["vae"][wc.vae]["inference"])),
     shell:
         "python -m workflow_scripts.export_latents --vae {input.model:q} --manifest {input.manifest:q}"
         " --settings {params.settings:q} --out {output:q} > {log} 2>&1"

@@ -1,17 +1,25 @@
-"""The workflow as a whole: the DAG of the default config and snakemake's linter."""
+"""The workflow as a whole: the DAG of the default config, snakemake's linter, and the
+interpreter its jobs run."""
 
+import os
+import re
 import subprocess
 
-from tests.conftest import BIN, REPO, run_snakemake, snakemake_env
+import yaml
 
-STAGE_RULES = ["demo_cohort", "prepare", "manifest"]
+from tests.conftest import BIN, REPO, run_snakemake, snakemake_env
+from tests.test_workflow_samples import planned_rules
+
+TARGET_RULES = {"all", "prepared", "autoencoders", "samples"}  # rules that only gather others' outputs
 
 
 def test_dry_run_lists_every_stage(tmp_path):
     proc = run_snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / "config.yaml"))
-    jobs = proc.stdout.split("Job stats:")[1]
-    for rule in STAGE_RULES:
-        assert f"\n{rule} " in jobs, f"rule {rule} missing from the dry run:\n{jobs}"
+    listed = run_snakemake(tmp_path, "--list-rules", "--configfile", str(REPO / "config" / "config.yaml"))
+    rules = set(re.findall(r"^(\w+)$", listed.stdout, re.MULTILINE)) - TARGET_RULES
+    assert len(rules) >= 14, listed.stdout
+    missing = rules - set(planned_rules(proc.stdout))
+    assert not missing, f"rules {sorted(missing)} are missing from the default dry run:\n{proc.stdout[-3000:]}"
 
 
 def test_lint_has_no_errors():
@@ -40,3 +48,23 @@ def test_light_steps_are_localrules(tmp_path):
                           capture_output=True, text=True, env=snakemake_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "fid_weights,manifest,report"
+
+
+def test_jobs_run_the_interpreter_that_runs_snakemake(tmp_path):
+    """`.venv/bin/snakemake` without the venv on PATH: jobs must not run another `python`."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text("#!/bin/sh\necho 'not the interpreter of snakemake' >&2\nexit 3\n")
+    (fake / "python").chmod(0o755)
+    config = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    config["demo"]["n_subjects"] = 4
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**snakemake_env(), "PATH": f"{fake}{os.pathsep}/usr/bin{os.pathsep}/bin"}
+    proc = subprocess.run(
+        [str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+         "--configfile", str(tmp_path / "config.yaml"), "--cores", "1", "results/demo/samples.tsv"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    log = tmp_path / "results" / "logs" / "demo_cohort.log"
+    assert proc.returncode == 0, (log.read_text() if log.exists() else "") + proc.stderr[-3000:]
+    assert (tmp_path / "results" / "demo" / "samples.tsv").is_file()

@@ -21,7 +21,7 @@ from medldm import autoencoder as ae
 from medldm import h5layout
 from medldm.errors import InputError, run_cli
 from medldm.io import save_nifti
-from medldm.provenance import sha256_file
+from medldm.provenance import check_autoencoder
 from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings
 
@@ -31,11 +31,8 @@ log = logging.getLogger("decode")
 def check_match(latents: h5layout.H5File, vae: dict, vae_path: Path) -> None:
     """The latents must come from this autoencoder (same hash when recorded, same shapes)."""
     recorded = latents.header.vae_sha256
-    if recorded and recorded != sha256_file(vae_path):
-        raise InputError(
-            f"{latents.path} was made with another autoencoder (vae_sha256 {recorded[:12]}...) than "
-            f"{vae_path}; decode it with the vae.pt that encoded it, or re-run export_latents"
-        )
+    check_autoencoder(vae_path, recorded, latents.path,
+                      "decode it with the vae.pt that encoded it, or re-run export_latents")
     if not recorded:
         log.warning("%s records no vae_sha256: cannot check it matches %s", latents.path, vae_path)
     if list(latents.mu.shape[1:]) != list(vae["latent_shape"]):

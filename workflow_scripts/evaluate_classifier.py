@@ -20,7 +20,7 @@ from medldm.io import atomic_path, write_json
 from medldm.montage import save_montage
 from medldm.provenance import provenance
 from medldm.runtime import pick_device, setup_logging
-from medldm.settings import load_settings
+from medldm.settings import load_settings, name_list
 
 log = logging.getLogger("evaluate_classifier")
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--manifest", required=True, type=Path, help="results/prepared/manifest.tsv")
     parser.add_argument("--volumes", required=True, type=Path, help="the sample set's synthetic.h5")
-    parser.add_argument("--classes", required=True, help="comma-separated class names (config `classes`)")
+    parser.add_argument("--classes", type=name_list, required=True, help="comma-separated class names (config `classes`)")
     parser.add_argument("--settings", required=True, help="the config's evaluate.classifier section (JSON or YAML)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out-json", required=True, type=Path, help="metrics JSON to write")
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     settings = load_settings(args.settings)
-    classes = [c for c in args.classes.split(",") if c]
+    classes = args.classes
     if len(classes) < 2:
         raise InputError("the classifier evaluation needs at least two `classes` in the config")
     prepared = load_prepared(args.manifest, classes, with_labels=False)

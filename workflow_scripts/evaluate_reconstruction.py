@@ -16,7 +16,7 @@ from medldm.errors import InputError, run_cli
 from medldm.io import write_json
 from medldm.provenance import provenance
 from medldm.runtime import setup_logging
-from medldm.settings import load_settings
+from medldm.settings import load_settings, name_list
 
 log = logging.getLogger("evaluate_reconstruction")
 
@@ -25,14 +25,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reconstructions", required=True, type=Path, help="the autoencoder's reconstructions (volumes .h5)")
     parser.add_argument("--manifest", required=True, type=Path, help="results/prepared/manifest.tsv")
-    parser.add_argument("--classes", default="", help="comma-separated class names (config `classes`)")
+    parser.add_argument("--classes", type=name_list, default="", help="comma-separated class names (config `classes`)")
     parser.add_argument("--split", default="test", help="split whose reconstructions are scored")
     parser.add_argument("--settings", required=True, help="the config's evaluate.msssim section (JSON or YAML file)")
     parser.add_argument("--out", required=True, type=Path, help="metrics JSON to write")
     args = parser.parse_args(argv)
     setup_logging()
     settings = load_settings(args.settings)
-    classes = [c for c in args.classes.split(",") if c]
+    classes = args.classes
     real = load_prepared(args.manifest, classes, with_labels=False).subset(args.split)
     with h5layout.open_volumes(args.reconstructions) as recon:
         row_of = {s: i for i, s in enumerate(recon.subject_ids)}
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
             raise InputError(f"{args.reconstructions}: no reconstruction of {args.split} subjects {missing[:5]}; "
                              "rerun the reconstruction (decode) rule of this autoencoder")
         recon_images = [np.asarray(recon.image[row_of[s]]) for s in real.subject_ids]
-    values = diversity.reconstruction_metrics(list(real.images[:, 0].numpy()), recon_images, settings["kernel_size"])
+    values = diversity.reconstruction_metrics(list(real.images[:, 0].numpy()), recon_images)
     result = {
         "split": args.split,
         "n": len(real),

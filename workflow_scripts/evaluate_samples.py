@@ -25,7 +25,7 @@ from medldm.fid import (
 from medldm.io import atomic_path, write_json
 from medldm.provenance import provenance
 from medldm.runtime import pick_device, setup_logging
-from medldm.settings import load_settings
+from medldm.settings import load_settings, name_list
 
 log = logging.getLogger("evaluate_samples")
 FID_COLUMNS = ["group", "axis", "fid", "kid_mean", "kid_std", "n_real", "n_synthetic", "rank_deficient"]
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--volumes", required=True, type=Path, help="the sample set's synthetic.h5")
     parser.add_argument("--reference", required=True, type=Path, help="real features from fid_reference")
     parser.add_argument("--manifest", required=True, type=Path, help="results/prepared/manifest.tsv")
-    parser.add_argument("--classes", default="", help="comma-separated class names (config `classes`)")
+    parser.add_argument("--classes", type=name_list, default="", help="comma-separated class names (config `classes`)")
     parser.add_argument("--split", default="test", help="split of the real reference set")
     parser.add_argument("--settings", required=True, help="the config's evaluate section (JSON or YAML file)")
     parser.add_argument("--weights-record", required=True, help="record written by fetch_fid_weights")
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     setup_logging()
     settings = load_settings(args.settings)
     fid, msssim = settings["fid"], settings["msssim"]
-    classes = [c for c in args.classes.split(",") if c]
+    classes = args.classes
     record = read_record(args.weights_record)
     reference = SliceFeatures.load(args.reference)
     device = pick_device(args.device)

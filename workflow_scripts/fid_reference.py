@@ -16,7 +16,7 @@ from medldm.data import load_prepared
 from medldm.errors import InputError, run_cli
 from medldm.fid import SliceSpec, load_inception, read_record, slice_features
 from medldm.runtime import pick_device, setup_logging
-from medldm.settings import load_settings
+from medldm.settings import load_settings, name_list
 
 log = logging.getLogger("fid_reference")
 
@@ -24,7 +24,7 @@ log = logging.getLogger("fid_reference")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True, type=Path, help="results/prepared/manifest.tsv")
-    parser.add_argument("--classes", default="", help="comma-separated class names (config `classes`)")
+    parser.add_argument("--classes", type=name_list, default="", help="comma-separated class names (config `classes`)")
     parser.add_argument("--split", default="test", help="split of the real reference set")
     parser.add_argument("--settings", required=True, help="the config's evaluate.fid section (JSON or YAML file)")
     parser.add_argument("--weights-record", required=True, help="record written by fetch_fid_weights")
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     fid = load_settings(args.settings)
-    classes = [c for c in args.classes.split(",") if c]
+    classes = args.classes
     real = load_prepared(args.manifest, classes, with_labels=False).subset(args.split)
     if len(real) < 2:
         raise InputError(f"{args.manifest}: {len(real)} subjects in split {args.split!r}; FID needs at least 2")

@@ -20,7 +20,7 @@ from medldm.samplesheet import (
     read_table,
     resolve_splits,
 )
-from medldm.settings import load_settings
+from medldm.settings import load_settings, name_list
 
 
 def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list[str], where="sample sheet"):
@@ -60,12 +60,12 @@ def main(argv=None) -> int:
     parser.add_argument("--infos", nargs="+", type=Path, required=True,
                         help="every subject's prepared info.json (in <prepared>/<subject>/)")
     parser.add_argument("--split-settings", required=True, help="the config's `split` section (JSON)")
-    parser.add_argument("--classes", default="", help="comma-separated class names")
+    parser.add_argument("--classes", type=name_list, default="", help="comma-separated class names")
     parser.add_argument("--out", required=True, help="manifest.tsv to write")
     parser.add_argument("--splits", default="", help="splits.tsv to write (subject_id, group, class, split)")
     parser.add_argument("--montage", default="", help="PNG montage of mid-slices per class (optional)")
     args = parser.parse_args(argv)
-    classes = [c for c in args.classes.split(",") if c]
+    classes = args.classes
     manifest = build_manifest(read_table(args.samples, "sample sheet"), args.infos,
                               load_settings(args.split_settings), classes, f"sample sheet {args.samples}")
     if args.splits:

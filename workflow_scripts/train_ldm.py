@@ -17,12 +17,14 @@ from medldm.checkpoint import StopFlag
 from medldm.errors import run_cli
 from medldm.ldm_training import Trainer
 from medldm.runtime import pick_device, setup_logging
-from medldm.settings import load_settings
+from medldm.settings import load_settings, with_cadence
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", required=True, help="the config's ldm.<name> section (JSON or YAML file)")
+    parser.add_argument("--cadence", help="train keys that do not change the model: log_every, val_every, "
+                        "checkpoint_every, compile (JSON)")
     parser.add_argument("--latents", required=True, type=Path, help="latents.h5 from export_latents")
     parser.add_argument("--vae", type=Path, help="the vae.pt that wrote the latents (its sha256 is checked)")
     parser.add_argument("--run-dir", required=True, type=Path, help="checkpoints and metrics")
@@ -32,8 +34,8 @@ def main(argv=None) -> int:
     setup_logging()
     device = pick_device(args.device)
     with StopFlag() as stop:
-        trainer = Trainer(load_settings(args.settings), args.latents, args.vae, args.run_dir, args.out,
-                          device, stop)
+        settings = with_cadence(load_settings(args.settings), args.cadence)
+        trainer = Trainer(settings, args.latents, args.vae, args.run_dir, args.out, device, stop)
         code = trainer.run()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

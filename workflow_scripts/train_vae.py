@@ -22,7 +22,7 @@ from medldm.errors import EXIT_INTERRUPTED, run_cli
 from medldm.io import atomic_path
 from medldm.provenance import config_hash, provenance, sha256_file
 from medldm.runtime import init_distributed, is_main_process, pick_device, setup_logging
-from medldm.settings import load_settings
+from medldm.settings import load_settings, name_list, with_cadence
 from medldm.vae_training import VAETrainer
 
 log = logging.getLogger("train_vae")
@@ -40,10 +40,11 @@ def run_key(settings: dict, manifest: Path, classes: list[str], labels: list[str
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", required=True, help="the config's vae.<name> section (JSON or YAML file)")
+    parser.add_argument("--cadence", help="train keys that do not change the model: val_every, checkpoint_every (JSON)")
     parser.add_argument("--prepare", required=True, help="the config's prepare section (JSON or YAML file)")
     parser.add_argument("--manifest", required=True, type=Path, help="results/prepared/manifest.tsv")
-    parser.add_argument("--classes", default="", help="comma-separated class names (config `classes`)")
-    parser.add_argument("--labels", default="", help="comma-separated label names (config `labels`)")
+    parser.add_argument("--classes", type=name_list, default="", help="comma-separated class names (config `classes`)")
+    parser.add_argument("--labels", type=name_list, default="", help="comma-separated label names (config `labels`)")
     parser.add_argument("--run-dir", required=True, type=Path, help="checkpoints, metrics, montages")
     parser.add_argument("--out", required=True, type=Path, help="vae.pt to write")
     parser.add_argument("--montage", type=Path, help="PNG of validation reconstructions to write")
@@ -80,9 +81,9 @@ def main(argv=None) -> int:
     setup_logging()
     _, world = init_distributed()
     device = pick_device(args.device)
-    settings, prepare = load_settings(args.settings), load_settings(args.prepare)
-    classes = [c for c in args.classes.split(",") if c]
-    labels = [c for c in args.labels.split(",") if c]
+    settings, prepare = with_cadence(load_settings(args.settings), args.cadence), load_settings(args.prepare)
+    classes = args.classes
+    labels = args.labels
 
     data = load_prepared(args.manifest, classes, with_labels=settings["paired_labels"])
     ae.check_grid(settings["model"], data.shape)
