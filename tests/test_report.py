@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from medldm import h5layout
-from medldm.fid import WEIGHTS_FILE, save_random_weights
+from medldm.fid_weights import WEIGHTS_FILE, save_random_weights
 from medldm.io import save_nifti
 from medldm.report import Section, render, table
 from medldm.samplesheet import MANIFEST_COLUMNS
