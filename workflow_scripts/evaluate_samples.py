@@ -133,7 +133,9 @@ def main(argv=None) -> int:
                    "synthetic": synthetic_msssim, "real": real_msssim},
         "n_volumes": {"synthetic": n_synthetic, "real": len(real)},
         "real_split": args.split,
-        "provenance": provenance(settings, {"volumes": args.volumes, "reference": args.reference}),
+        "provenance": provenance(settings, {name: path for name, path in (
+            ("volumes", args.volumes), ("reference", args.reference), ("train_features", args.train_features),
+            ("reconstruction_features", args.reconstruction_features)) if path}),
     }
     write_json(args.out_json, result)
     with atomic_path(args.out_csv) as tmp, open(tmp, "w", newline="") as fh:
