@@ -248,10 +248,10 @@ def _fid_floor_rows(metrics: dict[str, dict]) -> list[dict]:
         for kind, c in compared.items():
             pooled = pooled_fid(c["rows"])
             flags = [empty_flag(m)] if kind == "samples" else []
-            flags += [r["flag"] for r in pooled.values() if r.get("flag")]
+            flags += [pooled[a]["flag"] for a in AXES if pooled[a].get("flag")]  # the mean's repeats them
             rows.append({"set": name, "compared": FID_COMPARED[kind], "volumes": c["n_volumes"],
                          "slices": pooled["mean"]["n_synthetic"], **{a: fid_cell(pooled[a]) for a in (*AXES, "mean")},
-                         "flag": "; ".join(f for f in flags if f)})
+                         "flag": "; ".join(dict.fromkeys(f for f in flags if f))})
     return rows
 
 
@@ -276,7 +276,9 @@ def _fid_section(metrics: dict[str, dict], figures: Path) -> Section:
                  "reference: real training subjects (as many per class as the sample set has; what a perfect "
                  "generator would score at these counts) and the autoencoder's reconstructions of the reference "
                  f"subjects (the best its decoder allows). In brackets: percentile bootstrap 95 % intervals "
-                 f"({fid.get('bootstrap', 0)} resamples of the volumes of both sets).")
+                 f"({fid.get('bootstrap', 0)} resamples of the volumes of both sets). A resample repeats volumes, "
+                 "which raises FID, so the intervals lie mostly above the estimate: read them as spread, and "
+                 "compare sets only through overlapping or separated intervals.")
     section.html(table(_fid_floor_rows(metrics), [("set", "sample set"), ("compared", "compared with reference"),
                                                   ("volumes", "volumes"), ("slices", "slices (3 axes)"),
                                                   *[(a, f"FID {a}") for a in (*AXES, "mean")], ("flag", "flag")]))
