@@ -146,7 +146,7 @@ def plot_fid(fid_rows: dict[str, list[dict]], path: str | os.PathLike, key: str 
     width = 0.8 / max(1, len(labels))
     fig, ax = plt.subplots(figsize=(7, 3.2))
     for i, lab in enumerate(labels):
-        values = {r["axis"]: r.get(key, np.nan) for s, r in series if s == lab}
+        values = {r["axis"]: np.nan if r.get(key) is None else r[key] for s, r in series if s == lab}
         ax.bar(np.arange(len(positions)) + i * width, [values.get(p, np.nan) for p in positions], width, label=lab)
     ax.set_xticks(np.arange(len(positions)) + width * (len(labels) - 1) / 2, positions)
     ax.set_ylabel(label)
@@ -214,6 +214,47 @@ def _montages_per_class(section: Section, figures: Path, stem: str, images, clas
             section.figure(path, f"{what}, class {name}: mid-slices on three axes")
 
 
+FID_COMPARED = {"samples": "sample set", "real_train": "real training subjects (perfect generator)",
+                "reconstruction": "autoencoder reconstructions (autoencoder floor)"}
+
+
+def pooled_fid(rows: list[dict]) -> dict[str, dict]:
+    """The pooled (group ``all``) FID rows of one comparison, by axis (and ``mean``)."""
+    return {r["axis"]: r for r in rows if r["group"] == "all"}
+
+
+def fid_cell(row: dict | None) -> str:
+    """FID with its bootstrap interval, e.g. ``12.3 (10.1–15.2)``; ``no FID`` when flagged."""
+    if not row:
+        return "–"
+    if row.get("fid") is None:
+        return "no FID"
+    interval = f" ({fmt(row['ci_low'], 3)}–{fmt(row['ci_high'], 3)})" if row.get("ci_low") is not None else ""
+    return f"{fmt(row['fid'])}{interval}"
+
+
+def empty_flag(metrics: dict) -> str:
+    """``k of n volumes empty`` for a sample set with volumes that gave no non-empty slice."""
+    empty = metrics["fid"].get("empty_volumes", 0)
+    return f"{empty} of {metrics['n_volumes']['synthetic']} volumes empty" if empty else ""
+
+
+def _fid_floor_rows(metrics: dict[str, dict]) -> list[dict]:
+    """Per sample set: its pooled FID next to its floors, per axis and mean, with intervals."""
+    rows = []
+    for name, m in metrics.items():
+        compared = {"samples": {"n_volumes": m["n_volumes"]["synthetic"], "rows": m["fid"]["rows"]},
+                    **m["fid"].get("baselines", {})}
+        for kind, c in compared.items():
+            pooled = pooled_fid(c["rows"])
+            flags = [empty_flag(m)] if kind == "samples" else []
+            flags += [pooled[a]["flag"] for a in AXES if pooled[a].get("flag")]  # the mean's repeats them
+            rows.append({"set": name, "compared": FID_COMPARED[kind], "volumes": c["n_volumes"],
+                         "slices": pooled["mean"]["n_synthetic"], **{a: fid_cell(pooled[a]) for a in (*AXES, "mean")},
+                         "flag": "; ".join(dict.fromkeys(f for f in flags if f))})
+    return rows
+
+
 def _fid_section(metrics: dict[str, dict], figures: Path) -> Section:
     section = Section("FID and KID (per-slice, three axes)")
     first = next(iter(metrics.values()))
@@ -227,17 +268,32 @@ def _fid_section(metrics: dict[str, dict], figures: Path) -> Section:
     if not weights.get("verified"):
         section.text("The Inception weights are not pytorch-fid's published ones (evaluate.fid.allow_unverified): "
                      "these FID and KID values are not comparable with any published figure.", css="warn")
+    for name, m in metrics.items():
+        if empty_flag(m):
+            section.text(f"Sample set {name}: {empty_flag(m)} (no slice above the foreground threshold); "
+                         "they add no slices to FID, and a set without enough slices gets no FID.", "warn")
+    section.text("Pooled FID of each sample set next to its floors, measured the same way against the same "
+                 "reference: real training subjects (as many per class as the sample set has; what a perfect "
+                 "generator would score at these counts) and the autoencoder's reconstructions of the reference "
+                 f"subjects (the best its decoder allows). In brackets: percentile bootstrap 95 % intervals "
+                 f"({fid.get('bootstrap', 0)} resamples of the volumes of both sets). A resample repeats volumes, "
+                 "which raises FID, so the intervals lie mostly above the estimate: read them as spread, and "
+                 "compare sets only through overlapping or separated intervals.")
+    section.html(table(_fid_floor_rows(metrics), [("set", "sample set"), ("compared", "compared with reference"),
+                                                  ("volumes", "volumes"), ("slices", "slices (3 axes)"),
+                                                  *[(a, f"FID {a}") for a in (*AXES, "mean")], ("flag", "flag")]))
     rows = [{"set": name, **r} for name, m in metrics.items() for r in m["fid"]["rows"]]
     columns = [("set", "sample set"), ("group", "group"), ("axis", "axis"), ("fid", "FID"),
                ("kid_mean", "KID"), ("kid_std", "KID std"), ("n_real", "real slices"),
-               ("n_synthetic", "synthetic slices"), ("rank_deficient", "slices < dims")]
+               ("n_synthetic", "synthetic slices"), ("rank_deficient", "slices < dims"), ("flag", "flag")]
+    section.text("Sample sets per class and axis:")
     section.html(table(rows, columns))
     if any(r["rank_deficient"] for r in rows):
         section.text("Fewer slices than feature dimensions: covariances are rank-deficient, FID is biased "
                      "upwards and comparable only between runs with the same slice counts.", "warn")
     section.figure(plot_fid({n: m["fid"]["rows"] for n, m in metrics.items()}, figures / "fid.png"),
                    "FID per axis and mean, per sample set and class (all = pooled)")
-    if any("kid_mean" in r for r in rows):
+    if any(r.get("kid_mean") is not None for r in rows):
         section.figure(plot_fid({n: m["fid"]["rows"] for n, m in metrics.items()}, figures / "kid.png",
                                 key="kid_mean", label="KID"), "KID per axis and mean")
     return section
@@ -295,8 +351,12 @@ def _summary_section(sets: dict, metrics: dict, classifier: dict) -> Section:
     for name, s in sets.items():
         row = {"set": name, "ldm": s.get("ldm")}
         if name in metrics:
-            pooled = {r["axis"]: r for r in metrics[name]["fid"]["rows"] if r["group"] == "all"}
-            row |= {f"fid_{a}": pooled[a]["fid"] for a in (*AXES, "mean")}
+            pooled = pooled_fid(metrics[name]["fid"]["rows"])
+            baselines = metrics[name]["fid"].get("baselines", {})
+            row |= {f"fid_{a}": pooled[a]["fid"] for a in AXES}
+            row["fid_mean"] = fid_cell(pooled["mean"])
+            row |= {f"floor_{k}": fid_cell(pooled_fid(b["rows"])["mean"]) for k, b in baselines.items()}
+            row["empty"] = empty_flag(metrics[name])
             row["kid"] = pooled["mean"].get("kid_mean")
             row["msssim_synthetic"] = metrics[name]["msssim"]["synthetic"]["all"]["mean"]
             row["msssim_real"] = metrics[name]["msssim"]["real"]["all"]["mean"]
@@ -305,10 +365,15 @@ def _summary_section(sets: dict, metrics: dict, classifier: dict) -> Section:
         rows.append(row)
     arms = list(dict.fromkeys(k for r in rows for k in r if k.startswith("auc_")))
     section.html(table(rows, [("set", "sample set"), ("ldm", "diffusion model"),
-                              *[(f"fid_{a}", f"FID {a}") for a in (*AXES, "mean")], ("kid", "KID (mean)"),
+                              *[(f"fid_{a}", f"FID {a}") for a in (*AXES, "mean")],
+                              ("floor_real_train", "FID mean, real train"),
+                              ("floor_reconstruction", "FID mean, autoencoder"), ("empty", "empty volumes"),
+                              ("kid", "KID (mean)"),
                               ("msssim_synthetic", "MS-SSIM synthetic"), ("msssim_real", "MS-SSIM real"),
                               *[(k, f"ROC AUC, trained on {k[4:]}") for k in arms]]))
-    section.text("FID and KID pooled over classes (lower is closer to the real test set); MS-SSIM among pairs "
+    section.text("FID and KID pooled over classes (lower is closer to the real test set; mean with bootstrap "
+                 "95 % interval, next to the floors: real training subjects and autoencoder reconstructions "
+                 "scored the same way); MS-SSIM among pairs "
                  "(lower is more diverse); classifier ROC AUC on the real test subjects.")
     return section
 

