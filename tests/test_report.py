@@ -69,11 +69,10 @@ def evaluated(tmp_path_factory) -> Path:
         for i in range(8):
             writer.append(f"sample{i}", i % 2, "synthetic", image=head(i % 2, rng) * 0.9)
     recon = root / "vae" / "reconstructions.h5"
-    test_rows = [r for r in rows if r["split"] == "test"]
-    with h5layout.create_volumes(recon, len(test_rows), header) as writer:
-        for r in test_rows:
+    with h5layout.create_volumes(recon, len(rows), header) as writer:
+        for r in rows:
             image = np.asarray(nib.load(r["image"]).dataobj, np.float32)
-            writer.append(r["subject_id"], CLASSES.index(r["class"]), "test",
+            writer.append(r["subject_id"], CLASSES.index(r["class"]), r["split"],
                           image=np.clip(image + rng.normal(0, 0.03, SHAPE), 0, 1))
     run_dir = root / "runs" / "vae" / "tiny"
     run_dir.mkdir(parents=True)
@@ -97,8 +96,14 @@ def evaluated(tmp_path_factory) -> Path:
             "--device", "cpu", "--out-json", out / "metrics.json", "--out-csv", out / "fid.csv")
         run(evaluate_reconstruction, *common, "--reconstructions", recon, "--settings", json.dumps(MSSSIM),
             "--out", out / "reconstruction.json")
-        run(evaluate_classifier, *common, "--volumes", samples, "--settings", json.dumps(CLASSIFIER),
-            "--device", "cpu", "--out-json", out / "classifier.json", "--out-csv", out / "classifier.csv",
+        classify = [*common, "--settings", json.dumps(CLASSIFIER), "--device", "cpu"]
+        run(evaluate_classifier, *classify, "--arms", "real", "--out-json", out / "real" / "classifier.json",
+            "--saliency", out / "real" / "saliency.png")
+        run(evaluate_classifier, *classify, "--arms", "reconstructions", "--reconstructions", recon,
+            "--out-json", out / "recon" / "classifier.json")
+        run(evaluate_classifier, *classify, "--arms", "synthetic,real+synthetic", "--volumes", samples,
+            "--trained", out / "real" / "classifier.json", out / "recon" / "classifier.json",
+            "--out-json", out / "classifier.json", "--out-csv", out / "classifier.csv",
             "--saliency", out / "saliency.png")
     finally:
         mp.undo()
@@ -108,7 +113,8 @@ def evaluated(tmp_path_factory) -> Path:
                          "reconstruction": str(out / "reconstruction.json")}},
         "ldm": {"tiny_ldm": {"model": str(random_weights), "run_dir": str(root / "runs" / "ldm" / "none")}},
         "sample_sets": {"demo": {"ldm": "tiny_ldm", "volumes": str(samples), "metrics": str(out / "metrics.json"),
-                                 "classifier": str(out / "classifier.json"), "saliency": str(out / "saliency.png")}},
+                                 "classifier": str(out / "classifier.json"),
+                                 "saliency": [str(out / "saliency.png"), str(out / "real" / "saliency.png")]}},
     }
     config = {"classes": CLASSES, "evaluate": {"fid": FID}}
     run(report_script, "--inputs", json.dumps(inputs), "--config", json.dumps(config),
@@ -139,9 +145,15 @@ def test_stage_outputs(evaluated):
     recon = json.loads((out / "reconstruction.json").read_text())
     assert recon["n"] == 2 and recon["ssim"]["mean"] > 0.5 and recon["psnr"]["mean"] > 20
     classifier = json.loads((out / "classifier.json").read_text())
-    assert set(classifier["arms"]) == {"real", "synthetic", "real+synthetic"}
+    assert set(classifier["arms"]) == {"real", "reconstructions", "synthetic", "real+synthetic"}
     assert classifier["arms"]["real+synthetic"]["n_train"] == 8 + 8
-    assert pd.read_csv(out / "classifier.csv").shape == (9, 7)
+    assert classifier["arms"]["reconstructions"]["n_train"] == classifier["arms"]["real"]["n_train"] == 8
+    # The real arm is reused from its own job's JSON, not trained again.
+    real = json.loads((out / "real" / "classifier.json").read_text())
+    assert classifier["arms"]["real"] == real["arms"]["real"]
+    assert set(classifier["differences"]) == {"synthetic - real", "real+synthetic - real",
+                                              "synthetic - reconstructions", "reconstructions - real"}
+    assert pd.read_csv(out / "classifier.csv").shape == ((4 + 4) * 3, 7)
     assert (out / "saliency.png").read_bytes()[:4] == b"\x89PNG"
     figures = {p.name for p in (evaluated / "report" / "figures").iterdir()}
     assert {"fid.png", "kid.png", "msssim.png", "classifier_demo.png", "curves_vae_tiny.png",
@@ -152,7 +164,8 @@ def test_page_is_self_contained(evaluated):
     page = (evaluated / "report" / "index.html").read_text()
     assert "src=\"data:image/png;base64," in page
     assert not re.search(r"src=\"(?!data:)", page), "every image must be embedded"
-    for text in ("FID and KID", "MS-SSIM", "ROC AUC", "real+synthetic", "no metrics.csv", "Configuration and provenance",
+    for text in ("FID and KID", "MS-SSIM", "ROC AUC", "real+synthetic", "<td>reconstructions</td>",
+                 "<td>synthetic - reconstructions</td>", "paired bootstrap", "no metrics.csv", "Configuration and provenance",
                  "sha256", "not comparable with any published figure"):  # random weights: warned
         assert text in page
 
