@@ -160,6 +160,27 @@ def test_stage_outputs(evaluated):
             "real_test_HC.png", "synthetic_demo_TLE.png", "reconstruction_tiny.png"} <= figures
 
 
+def test_classifier_refuses_inputs_it_cannot_compare(evaluated, capsys):
+    """Reconstructions lacking the training subjects, or a reused arm trained with other settings,
+    are refused before any training, naming the file; nothing is written."""
+    out, manifest = evaluated / "eval", evaluated / "prepared" / "manifest.tsv"
+    common = ["--manifest", manifest, "--classes", ",".join(CLASSES), "--device", "cpu"]
+    refused = out / "refused.json"
+    samples = evaluated / "samples" / "synthetic.h5"  # holds no real subject
+    cases = [(["--arms", "reconstructions", "--reconstructions", samples, "--settings", json.dumps(CLASSIFIER)],
+              f"{samples}: no reconstruction of training subjects"),
+             (["--arms", "synthetic", "--volumes", samples, "--settings", json.dumps({**CLASSIFIER, "steps": 3}),
+               "--trained", out / "real" / "classifier.json"], "trained with other evaluate.classifier settings"),
+             (["--arms", "synthetic", "--settings", json.dumps(CLASSIFIER)], "arm synthetic needs --volumes")]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as done:
+            from medldm.errors import run_cli
+
+            run_cli(evaluate_classifier.main, [str(a) for a in [*common, *args, "--out-json", refused]])
+        assert done.value.code == 2 and message in capsys.readouterr().err
+        assert not refused.exists()
+
+
 def test_page_is_self_contained(evaluated):
     page = (evaluated / "report" / "index.html").read_text()
     assert "src=\"data:image/png;base64," in page
