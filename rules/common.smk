@@ -236,7 +236,7 @@ def report_index():
     }
     for name, sample_set in config.get("sample_sets", {}).items():
         samples, evaluation = sample_set_dirs(name)
-        vae = config["ldm"][sample_set["ldm"]]["vae"]
+        vae = ldm_entry(sample_set["ldm"])["vae"]
         index["sample_sets"][name] = {
             "ldm": sample_set["ldm"],
             "volumes": f"{samples}/synthetic.h5",

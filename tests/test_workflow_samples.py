@@ -46,7 +46,9 @@ def test_shared_classifier_arms_are_planned_once_for_two_sample_sets(test_config
     jobs, shared by every sample set's classifier evaluation."""
     first = next(iter(test_config["sample_sets"].values()))
     test_config["sample_sets"]["extra"] = {**first, "seed": 123}
-    plan = planned_rules(run_snakemake(tmp_path, "-n", config=test_config).stdout)
+    evaluations = [f"{test_config['results']}/eval/samples/{s['ldm']}/{name}/classifier.json"
+                   for name, s in test_config["sample_sets"].items()]
+    plan = planned_rules(run_snakemake(tmp_path, "-n", *evaluations, config=test_config).stdout)
     assert plan["evaluate_classifier"] == 2, plan
     assert plan["evaluate_classifier_real"] == 1, plan
     assert plan["evaluate_classifier_reconstructions"] == len(test_config["vae"]), plan
