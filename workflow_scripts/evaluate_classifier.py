@@ -148,7 +148,8 @@ def main(argv=None) -> int:
                          classes, args.volumes, args.reconstructions)
     device = pick_device(args.device)
     results, models = run_arms(arms, real["test"], settings, len(classes), device)
-    results = {arm: (results | reused)[arm] for arm in ARMS if arm in results | reused}
+    merged = reused | results  # an arm trained here wins over a reused one
+    results = {arm: merged[arm] for arm in ARMS if arm in merged}
     seed = settings.get("seed", 0)
     differences = paired_differences(real["test"].labels, {a: np.array(r["probabilities"]) for a, r in results.items()},
                                      settings.get("bootstrap", 1000), seed)
