@@ -1,5 +1,7 @@
-"""Train on synthetic, test on real: a 3D classifier trained on real, synthetic, or real plus
-synthetic volumes, each tested on the same real test subjects, with bootstrap 95 % intervals.
+"""Train on synthetic, test on real: a 3D classifier trained on real volumes, the autoencoder's
+reconstructions of them, synthetic volumes, or real plus synthetic volumes, each tested on the same
+real test subjects, with bootstrap 95 % intervals of each arm and paired bootstrap intervals of
+the differences between arms (the same resampled test subjects for both arms).
 
 Every arm gets the same network, seed and number of optimiser steps; batches are drawn
 class-balanced (each class equally likely, then a random volume of it) so the arms differ only in
@@ -22,7 +24,11 @@ from medldm.runtime import seed_everything
 
 log = logging.getLogger(__name__)
 
-ARMS = ("real", "synthetic", "real+synthetic")
+ARMS = ("real", "reconstructions", "synthetic", "real+synthetic")
+# (arm, baseline) pairs whose difference arm - baseline the report shows, when both arms exist:
+# what synthetic data lose or add against real data, and against the autoencoder's floor.
+DIFFERENCES = (("synthetic", "real"), ("real+synthetic", "real"), ("synthetic", "reconstructions"),
+               ("reconstructions", "real"))
 METRICS = ("accuracy", "balanced_accuracy", "roc_auc")
 GRADCAM_LAYER = {"densenet": "class_layers.relu", "efficientnet": "_swish"}
 
@@ -137,17 +143,51 @@ def _score(labels: np.ndarray, proba: np.ndarray, metric: str) -> float:
     return roc_auc(labels, proba)
 
 
+def bootstrap_rows(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) test rows drawn with replacement: the same draws for every arm of a run, so
+    that each arm's interval and the paired intervals of differences use the same resamples."""
+    return np.random.default_rng(seed).integers(n, size=(n_boot, n))
+
+
+def _interval(values: np.ndarray) -> tuple[float, float]:
+    """Percentile 95 % interval of the finite values (NaN, NaN when there are none)."""
+    values = values[np.isfinite(values)]
+    return tuple(float(v) for v in np.percentile(values, [2.5, 97.5])) if values.size else (np.nan, np.nan)
+
+
 def scores(labels: np.ndarray, proba: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
     """Accuracy, balanced accuracy and ROC AUC (one-vs-rest for more than two classes), each with a
     percentile bootstrap 95 % interval over test subjects: {metric: {value, ci_low, ci_high}}."""
-    rng = np.random.default_rng(seed)
-    boots = rng.integers(len(labels), size=(n_boot, len(labels)))
+    boots = bootstrap_rows(len(labels), n_boot, seed)
     out = {}
     for metric in METRICS:
-        values = np.array([_score(labels[b], proba[b], metric) for b in boots])
-        values = values[np.isfinite(values)]
-        low, high = np.percentile(values, [2.5, 97.5]) if values.size else (np.nan, np.nan)
-        out[metric] = {"value": float(_score(labels, proba, metric)), "ci_low": float(low), "ci_high": float(high)}
+        low, high = _interval(np.array([_score(labels[b], proba[b], metric) for b in boots]))
+        out[metric] = {"value": float(_score(labels, proba, metric)), "ci_low": low, "ci_high": high}
+    return out
+
+
+def paired_differences(labels: np.ndarray, probabilities: dict[str, np.ndarray], n_boot: int = 1000,
+                       seed: int = 0) -> dict:
+    """Differences arm - baseline of each metric for the ``DIFFERENCES`` pairs present in
+    ``probabilities`` ({arm: (N, C) test probabilities}), with paired percentile bootstrap 95 %
+    intervals: both arms are scored on the same resampled test subjects, so the interval reflects
+    the uncertainty of the difference, not of each arm separately.
+
+    Returns {"arm - baseline": {"arm", "baseline", metric: {value, ci_low, ci_high}}}.
+    """
+    boots = bootstrap_rows(len(labels), n_boot, seed)
+    out = {}
+    for arm, baseline in DIFFERENCES:
+        if arm not in probabilities or baseline not in probabilities:
+            continue
+        a, b = np.asarray(probabilities[arm]), np.asarray(probabilities[baseline])
+        entry = {"arm": arm, "baseline": baseline}
+        for metric in METRICS:
+            deltas = np.array([_score(labels[r], a[r], metric) - _score(labels[r], b[r], metric) for r in boots])
+            low, high = _interval(deltas)
+            entry[metric] = {"value": _score(labels, a, metric) - _score(labels, b, metric),
+                             "ci_low": low, "ci_high": high}
+        out[f"{arm} - {baseline}"] = entry
     return out
 
 

@@ -322,30 +322,61 @@ def _msssim_section(metrics: dict[str, dict], recon: dict[str, dict], figures: P
     return section
 
 
-def _classifier_section(results: dict[str, dict], figures: Path, saliency: dict[str, str]) -> Section:
+def _interval_cells(row: dict, metrics: dict) -> dict:
+    """``row`` with each metric's value and its 95 % interval as text."""
+    for metric, m in metrics.items():
+        row[metric] = m["value"]
+        row[f"{metric}_ci"] = f"{fmt(m['ci_low'], 3)} – {fmt(m['ci_high'], 3)}"
+    return row
+
+
+def _metric_columns() -> list[tuple[str, str]]:
+    return [("accuracy", "accuracy"), ("accuracy_ci", "95 % CI"), ("balanced_accuracy", "balanced acc."),
+            ("balanced_accuracy_ci", "95 % CI"), ("roc_auc", "ROC AUC"), ("roc_auc_ci", "95 % CI")]
+
+
+def _in_order(items: dict, order: list[str]) -> dict:
+    """``items`` in ``order`` (JSON files sort their keys), unknown keys last."""
+    return dict(sorted(items.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def _classifier_section(results: dict[str, dict], figures: Path, saliency: dict[str, list[str]]) -> Section:
+    from medldm.classifier import ARMS, DIFFERENCES, METRICS
+
     section = Section("Classifier: train on synthetic, test on real")
-    section.text("One 3D classifier per arm, same network, seed and number of steps; all tested on the real "
-                 "test subjects. Intervals: percentile bootstrap 95 % over test subjects.")
-    rows = []
+    section.text("One 3D classifier per arm (training set), same network, seed and number of steps; all tested "
+                 "on the real test subjects. Arms: real training subjects (trained once per run), the "
+                 "autoencoder's reconstructions of them (its floor: what the autoencoder's blur alone costs), the "
+                 "sample set's synthetic volumes, and real plus synthetic. Intervals: percentile bootstrap 95 % "
+                 "over test subjects.")
+    rows, differences = [], []
     for name, r in results.items():
+        r["arms"] = _in_order(r["arms"], ARMS)
         for arm, a in r["arms"].items():
-            row = {"set": name, "arm": arm, "n_train": a["n_train"], "n_test": r["n_test"]}
-            for metric, m in a["metrics"].items():
-                row[metric] = m["value"]
-                row[f"{metric}_ci"] = f"{fmt(m['ci_low'], 3)} – {fmt(m['ci_high'], 3)}"
-            rows.append(row)
+            rows.append(_interval_cells({"set": name, "arm": arm, "n_train": a["n_train"], "n_test": r["n_test"]},
+                                        a["metrics"]))
+        for label, d in _in_order(r.get("differences", {}), [f"{a} - {b}" for a, b in DIFFERENCES]).items():
+            differences.append(_interval_cells({"set": name, "difference": label},
+                                               {m: d[m] for m in METRICS}))
         section.figure(plot_classifier(r["arms"], figures / f"classifier_{name}.png"),
                        f"{name}: metrics per arm with 95 % intervals (dashed: chance for two classes)")
-        if saliency.get(name) and Path(saliency[name]).is_file():
-            section.figure(saliency[name], f"{name}: Grad-CAM of test subjects per arm")
     section.html(table(rows, [("set", "sample set"), ("arm", "trained on"), ("n_train", "train volumes"),
-                              ("n_test", "test subjects"), ("accuracy", "accuracy"), ("accuracy_ci", "95 % CI"),
-                              ("balanced_accuracy", "balanced acc."), ("balanced_accuracy_ci", "95 % CI"),
-                              ("roc_auc", "ROC AUC"), ("roc_auc_ci", "95 % CI")]))
+                              ("n_test", "test subjects"), *_metric_columns()]))
+    if differences:
+        section.text("Differences between arms (arm − baseline), with paired bootstrap 95 % intervals: both arms "
+                     "scored on the same resampled test subjects. An interval that contains 0 shows no difference "
+                     "these test subjects can resolve.")
+        section.html(table(differences, [("set", "sample set"), ("difference", "arm − baseline"),
+                                         *_metric_columns()]))
+    for path in dict.fromkeys(p for paths in saliency.values() for p in paths or []):
+        if Path(path).is_file():
+            section.figure(path, "Grad-CAM of test subjects; each title names the arm whose classifier it shows")
     return section
 
 
 def _summary_section(sets: dict, metrics: dict, classifier: dict) -> Section:
+    from medldm.classifier import ARMS
+
     section = Section("Summary")
     rows = []
     for name, s in sets.items():
@@ -360,7 +391,7 @@ def _summary_section(sets: dict, metrics: dict, classifier: dict) -> Section:
             row["kid"] = pooled["mean"].get("kid_mean")
             row["msssim_synthetic"] = metrics[name]["msssim"]["synthetic"]["all"]["mean"]
             row["msssim_real"] = metrics[name]["msssim"]["real"]["all"]["mean"]
-        for arm, a in classifier.get(name, {}).get("arms", {}).items():
+        for arm, a in _in_order(classifier.get(name, {}).get("arms", {}), ARMS).items():
             row[f"auc_{arm}"] = a["metrics"]["roc_auc"]["value"]
         rows.append(row)
     arms = list(dict.fromkeys(k for r in rows for k in r if k.startswith("auc_")))
@@ -457,7 +488,7 @@ def build_report(inputs: dict, config: dict, figures: str | os.PathLike, montage
 
     ``inputs``: {"manifest", "fid_weights" (record JSON), "vae": {name: {model, run_dir, reconstruction
     (metrics JSON), reconstructions (volumes .h5)}}, "ldm": {name: {model, run_dir}}, "sample_sets":
-    {name: {ldm, volumes, metrics, classifier (JSON or None), saliency (PNG or None)}}}.
+    {name: {ldm, volumes, metrics, classifier (JSON or None), saliency (PNGs of its arms, maybe empty)}}}.
     """
     from medldm.data import load_prepared
 

@@ -267,19 +267,35 @@ def sample_set_dirs(name):
     return f"{RESULTS}/samples/{ldm}/{name}", f"{EVAL}/samples/{ldm}/{name}"
 
 
-def classifier_outputs():
-    outputs = {
-        "json": f"{EVAL}/samples/{{ldm}}/{{sample_set}}/classifier.json",
-        "csv": f"{EVAL}/samples/{{ldm}}/{{sample_set}}/classifier.csv",
-    }
+def reconstructions_h5(vae="{vae}"):
+    """The autoencoder's decoded reconstructions of the real subjects (a rule pattern by default)."""
+    return f"{RESULTS}/vae/{vae}/reconstructions/synthetic.h5"
+
+
+# Classifier arms trained once: the real one per run, the reconstruction one per autoencoder.
+REAL_ARM_DIR = f"{EVAL}/classifier/real"
+
+
+def reconstruction_arm_dir(vae="{vae}"):
+    return f"{EVAL}/vae/{vae}/classifier"
+
+
+def classifier_outputs(folder, subcategory):
+    """classifier.json of a classifier job in ``folder``, and its Grad-CAM PNG when enabled."""
+    outputs = {"json": f"{folder}/classifier.json"}
     if SALIENCY:
         outputs["saliency"] = report(
-            f"{EVAL}/samples/{{ldm}}/{{sample_set}}/saliency.png",
+            f"{folder}/saliency.png",
             caption="../report/saliency.rst",
             category="Evaluation",
-            subcategory="{sample_set}",
+            subcategory=subcategory,
         )
     return outputs
+
+
+def reconstruction_arm(wildcards):
+    """classifier.json of the reconstruction arm of the autoencoder behind ldm {ldm}."""
+    return f"{reconstruction_arm_dir(ldm_entry(wildcards.ldm)['vae'])}/classifier.json"
 
 
 def saliency_arg(wildcards, output):
@@ -295,7 +311,7 @@ def report_index():
             name: {
                 "model": f"{RESULTS}/vae/{name}/vae.pt",
                 "run_dir": f"{RESULTS}/runs/vae/{name}",
-                "reconstructions": f"{RESULTS}/vae/{name}/reconstructions/synthetic.h5",
+                "reconstructions": reconstructions_h5(name),
                 "reconstruction": f"{EVAL}/vae/{name}/reconstruction.json",
             }
             for name in config.get("vae", {})
@@ -311,12 +327,18 @@ def report_index():
     }
     for name, sample_set in config.get("sample_sets", {}).items():
         samples, evaluation = sample_set_dirs(name)
+        vae = ldm_entry(sample_set["ldm"])["vae"]
         index["sample_sets"][name] = {
             "ldm": sample_set["ldm"],
             "volumes": f"{samples}/synthetic.h5",
             "metrics": f"{evaluation}/image_metrics.json",
             "classifier": f"{evaluation}/classifier.json" if CLASSIFIER else None,
-            "saliency": f"{evaluation}/saliency.png" if SALIENCY else None,
+            "saliency": [
+                f"{folder}/saliency.png"
+                for folder in (evaluation, REAL_ARM_DIR, reconstruction_arm_dir(vae))
+            ]
+            if SALIENCY
+            else [],
         }
     return index
 

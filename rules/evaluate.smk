@@ -1,7 +1,8 @@
 # Evaluation: the FID weights (a local rule: on a cluster it runs on the login node, which has
 # internet), real reference and floor features (once per prepared data set / autoencoder; device and
 # batch size are runtime-only params, never a rerun trigger), image metrics and the
-# train-on-synthetic classifier per sample set, autoencoder reconstruction metrics, the report.
+# train-on-synthetic classifier per sample set (its real arm trained once per run, its
+# reconstruction arm once per autoencoder), autoencoder reconstruction metrics, the report.
 
 
 localrules:
@@ -135,12 +136,63 @@ rule evaluate_samples:
         " --batch-size {params.batch_size} --out-json {output.json:q} --out-csv {output.csv:q} > {log} 2>&1"
 
 
+rule evaluate_classifier_real:
+    input:
+        manifest=f"{PREPARED}/manifest.tsv",
+    output:
+        **classifier_outputs(REAL_ARM_DIR, "real"),
+    log:
+        f"{RESULTS}/logs/eval/classifier_real.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        **rule_resources("evaluate_classifier"),
+    params:
+        settings=settings_json(EVALUATE["classifier"]),
+        classes=",".join(config["classes"]),
+        device=runtime_only(EVALUATE["device"]),
+        saliency=saliency_arg,
+    shell:
+        "python -m workflow_scripts.evaluate_classifier --arms real --manifest {input.manifest:q}"
+        " --classes {params.classes:q} --settings {params.settings:q} --device {params.device}"
+        " --out-json {output.json:q} {params.saliency} > {log} 2>&1"
+
+
+rule evaluate_classifier_reconstructions:
+    input:
+        reconstructions=reconstructions_h5(),
+        manifest=f"{PREPARED}/manifest.tsv",
+    output:
+        **classifier_outputs(reconstruction_arm_dir(), "{vae} reconstructions"),
+    log:
+        f"{RESULTS}/logs/eval/vae/{{vae}}/evaluate_classifier.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        **rule_resources("evaluate_classifier"),
+    params:
+        settings=settings_json(EVALUATE["classifier"]),
+        classes=",".join(config["classes"]),
+        device=runtime_only(EVALUATE["device"]),
+        saliency=saliency_arg,
+    shell:
+        "python -m workflow_scripts.evaluate_classifier --arms reconstructions"
+        " --reconstructions {input.reconstructions:q} --manifest {input.manifest:q}"
+        " --classes {params.classes:q} --settings {params.settings:q} --device {params.device}"
+        " --out-json {output.json:q} {params.saliency} > {log} 2>&1"
+
+
 rule evaluate_classifier:
     input:
         volumes=f"{RESULTS}/samples/{{ldm}}/{{sample_set}}/synthetic.h5",
         manifest=f"{PREPARED}/manifest.tsv",
+        real_arm=rules.evaluate_classifier_real.output.json,
+        reconstruction_arm=reconstruction_arm,
     output:
-        **classifier_outputs(),
+        **classifier_outputs(f"{EVAL}/samples/{{ldm}}/{{sample_set}}", "{sample_set}"),
+        csv=f"{EVAL}/samples/{{ldm}}/{{sample_set}}/classifier.csv",
     log:
         f"{RESULTS}/logs/eval/{{ldm}}/{{sample_set}}/evaluate_classifier.log",
     conda:
@@ -151,17 +203,19 @@ rule evaluate_classifier:
     params:
         settings=settings_json(EVALUATE["classifier"]),
         classes=",".join(config["classes"]),
-        device=EVALUATE["device"],
+        device=runtime_only(EVALUATE["device"]),
         saliency=saliency_arg,
     shell:
-        "python -m workflow_scripts.evaluate_classifier --manifest {input.manifest:q} --volumes {input.volumes:q}"
-        " --classes {params.classes:q} --settings {params.settings:q} --device {params.device}"
-        " --out-json {output.json:q} --out-csv {output.csv:q} {params.saliency} > {log} 2>&1"
+        "python -m workflow_scripts.evaluate_classifier --arms synthetic,real+synthetic"
+        " --volumes {input.volumes:q} --trained {input.real_arm:q} {input.reconstruction_arm:q}"
+        " --manifest {input.manifest:q} --classes {params.classes:q} --settings {params.settings:q}"
+        " --device {params.device} --out-json {output.json:q} --out-csv {output.csv:q}"
+        " {params.saliency} > {log} 2>&1"
 
 
 rule evaluate_reconstruction:
     input:
-        reconstructions=f"{RESULTS}/vae/{{vae}}/reconstructions/synthetic.h5",
+        reconstructions=reconstructions_h5(),
         manifest=f"{PREPARED}/manifest.tsv",
     output:
         f"{EVAL}/vae/{{vae}}/reconstruction.json",

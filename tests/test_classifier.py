@@ -10,6 +10,7 @@ from medldm.classifier import (
     Dataset,
     balanced_batches,
     gradcam,
+    paired_differences,
     roc_auc,
     run_arms,
     scores,
@@ -76,3 +77,37 @@ def test_metrics_match_scikit_learn_and_intervals_cover():
         assert out["balanced_accuracy"]["value"] == pytest.approx(
             sklearn.balanced_accuracy_score(labels, proba.argmax(1)))
         assert out["accuracy"]["ci_low"] < out["accuracy"]["value"] < out["accuracy"]["ci_high"]
+
+
+def two_class_predictions(n: int = 40, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Test labels and the probabilities of made-up arms: a perfect one and two random ones."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    perfect = np.eye(2)[labels] * 0.8 + 0.1
+    random = [rng.random(n) for _ in range(2)]
+    return labels, {"perfect": perfect, **{name: np.stack([1 - r, r], 1) for name, r in zip(("random", "other"), random,
+                                                                                            strict=True)}}
+
+
+def test_paired_difference_of_identical_arms_is_exactly_zero(monkeypatch):
+    labels, proba = two_class_predictions()
+    monkeypatch.setattr("medldm.classifier.DIFFERENCES", (("synthetic", "real"),))
+    out = paired_differences(labels, {"real": proba["random"], "synthetic": proba["random"].copy()}, n_boot=200)
+    assert list(out) == ["synthetic - real"]
+    for metric in ("accuracy", "balanced_accuracy", "roc_auc"):
+        # Paired: both arms see the same resampled subjects, so every resampled difference is 0.
+        assert out["synthetic - real"][metric] == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+
+
+def test_paired_difference_of_perfect_and_random_arm_excludes_zero():
+    labels, proba = two_class_predictions()
+    arms = {"real": proba["perfect"], "synthetic": proba["random"], "reconstructions": proba["other"]}
+    out = paired_differences(labels, arms, n_boot=300)
+    assert set(out) == {"synthetic - real", "synthetic - reconstructions", "reconstructions - real"}
+    worse = out["synthetic - real"]
+    assert (worse["arm"], worse["baseline"]) == ("synthetic", "real")
+    for metric in ("accuracy", "balanced_accuracy", "roc_auc"):
+        d = worse[metric]
+        perfect, random = scores(labels, arms["real"], 10)[metric], scores(labels, arms["synthetic"], 10)[metric]
+        assert d["value"] == pytest.approx(random["value"] - perfect["value"])
+        assert d["ci_low"] <= d["value"] <= d["ci_high"] < 0

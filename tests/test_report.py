@@ -73,11 +73,10 @@ def evaluated(tmp_path_factory) -> Path:
         for i in range(4):
             writer.append(f"empty{i}", i % 2, "synthetic", image=np.zeros(SHAPE, np.float32))
     recon = root / "vae" / "reconstructions.h5"
-    test_rows = [r for r in rows if r["split"] == "test"]
-    with h5layout.create_volumes(recon, len(test_rows), header) as writer:
-        for r in test_rows:
+    with h5layout.create_volumes(recon, len(rows), header) as writer:
+        for r in rows:
             image = np.asarray(nib.load(r["image"]).dataobj, np.float32)
-            writer.append(r["subject_id"], CLASSES.index(r["class"]), "test",
+            writer.append(r["subject_id"], CLASSES.index(r["class"]), r["split"],
                           image=np.clip(image + rng.normal(0, 0.03, SHAPE), 0, 1))
     run_dir = root / "runs" / "vae" / "tiny"
     run_dir.mkdir(parents=True)
@@ -105,8 +104,14 @@ def evaluated(tmp_path_factory) -> Path:
                 "--device", "cpu", "--out-json", out / f"{stem}.json", "--out-csv", out / f"{stem}.csv")
         run(evaluate_reconstruction, *common, "--reconstructions", recon, "--settings", json.dumps(MSSSIM),
             "--out", out / "reconstruction.json")
-        run(evaluate_classifier, *common, "--volumes", samples, "--settings", json.dumps(CLASSIFIER),
-            "--device", "cpu", "--out-json", out / "classifier.json", "--out-csv", out / "classifier.csv",
+        classify = [*common, "--settings", json.dumps(CLASSIFIER), "--device", "cpu"]
+        run(evaluate_classifier, *classify, "--arms", "real", "--out-json", out / "real" / "classifier.json",
+            "--saliency", out / "real" / "saliency.png")
+        run(evaluate_classifier, *classify, "--arms", "reconstructions", "--reconstructions", recon,
+            "--out-json", out / "recon" / "classifier.json")
+        run(evaluate_classifier, *classify, "--arms", "synthetic,real+synthetic", "--volumes", samples,
+            "--trained", out / "real" / "classifier.json", out / "recon" / "classifier.json",
+            "--out-json", out / "classifier.json", "--out-csv", out / "classifier.csv",
             "--saliency", out / "saliency.png")
     finally:
         mp.undo()
@@ -116,7 +121,8 @@ def evaluated(tmp_path_factory) -> Path:
                          "reconstruction": str(out / "reconstruction.json")}},
         "ldm": {"tiny_ldm": {"model": str(random_weights), "run_dir": str(root / "runs" / "ldm" / "none")}},
         "sample_sets": {"demo": {"ldm": "tiny_ldm", "volumes": str(samples), "metrics": str(out / "metrics.json"),
-                                 "classifier": str(out / "classifier.json"), "saliency": str(out / "saliency.png")},
+                                 "classifier": str(out / "classifier.json"),
+                                 "saliency": [str(out / "saliency.png"), str(out / "real" / "saliency.png")]},
                         "empty": {"ldm": "tiny_ldm", "volumes": str(empty), "metrics": str(out / "metrics_empty.json"),
                                   "classifier": None, "saliency": None}},
     }
@@ -149,9 +155,15 @@ def test_stage_outputs(evaluated):
     recon = json.loads((out / "reconstruction.json").read_text())
     assert recon["n"] == 2 and recon["ssim"]["mean"] > 0.5 and recon["psnr"]["mean"] > 20
     classifier = json.loads((out / "classifier.json").read_text())
-    assert set(classifier["arms"]) == {"real", "synthetic", "real+synthetic"}
+    assert set(classifier["arms"]) == {"real", "reconstructions", "synthetic", "real+synthetic"}
     assert classifier["arms"]["real+synthetic"]["n_train"] == 8 + 8
-    assert pd.read_csv(out / "classifier.csv").shape == (9, 7)
+    assert classifier["arms"]["reconstructions"]["n_train"] == classifier["arms"]["real"]["n_train"] == 8
+    # The real arm is reused from its own job's JSON, not trained again.
+    real = json.loads((out / "real" / "classifier.json").read_text())
+    assert classifier["arms"]["real"] == real["arms"]["real"]
+    assert set(classifier["differences"]) == {"synthetic - real", "real+synthetic - real",
+                                              "synthetic - reconstructions", "reconstructions - real"}
+    assert pd.read_csv(out / "classifier.csv").shape == ((4 + 4) * 3, 7)
     assert (out / "saliency.png").read_bytes()[:4] == b"\x89PNG"
     figures = {p.name for p in (evaluated / "report" / "figures").iterdir()}
     assert {"fid.png", "kid.png", "msssim.png", "classifier_demo.png", "curves_vae_tiny.png",
@@ -180,12 +192,35 @@ def test_empty_volumes_are_flagged_in_metrics_and_report(evaluated):
     assert "4 of 4 volumes empty" in page and "no FID" in page
 
 
+def test_classifier_refuses_inputs_it_cannot_compare(evaluated, capsys):
+    """Reconstructions lacking the training subjects, or a reused arm trained with other settings,
+    are refused before any training, naming the file; nothing is written."""
+    out, manifest = evaluated / "eval", evaluated / "prepared" / "manifest.tsv"
+    common = ["--manifest", manifest, "--classes", ",".join(CLASSES), "--device", "cpu"]
+    refused = out / "refused.json"
+    samples = evaluated / "samples" / "synthetic.h5"  # holds no real subject
+    cases = [(["--arms", "reconstructions", "--reconstructions", samples, "--settings", json.dumps(CLASSIFIER)],
+              f"{samples}: no reconstruction of training subjects"),
+             (["--arms", "synthetic", "--volumes", samples, "--settings", json.dumps({**CLASSIFIER, "steps": 3}),
+               "--trained", out / "real" / "classifier.json"], "trained with other evaluate.classifier settings"),
+             (["--arms", "synthetic", "--settings", json.dumps(CLASSIFIER)], "arm synthetic needs --volumes")]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as done:
+            from medldm.errors import run_cli
+
+            run_cli(evaluate_classifier.main, [str(a) for a in [*common, *args, "--out-json", refused]])
+        assert done.value.code == 2 and message in capsys.readouterr().err
+        assert not refused.exists()
+
+
 def test_page_is_self_contained(evaluated):
     page = (evaluated / "report" / "index.html").read_text()
     assert "src=\"data:image/png;base64," in page
     assert not re.search(r"src=\"(?!data:)", page), "every image must be embedded"
     for text in ("FID and KID", "MS-SSIM", "real training subjects (perfect generator)",
-                 "autoencoder reconstructions (autoencoder floor)", "FID mean, autoencoder", "ROC AUC", "real+synthetic", "no metrics.csv", "Configuration and provenance",
+                 "autoencoder reconstructions (autoencoder floor)", "FID mean, autoencoder", "ROC AUC", "real+synthetic",
+                 "<td>reconstructions</td>", "<td>synthetic - reconstructions</td>", "paired bootstrap",
+                 "no metrics.csv", "Configuration and provenance",
                  "sha256", "not comparable with any published figure"):  # random weights: warned
         assert text in page
 

@@ -39,3 +39,16 @@ def test_new_sample_set_runs_only_its_sampling_and_decoding(tiny_run, test_confi
     everything = planned_rules(run_snakemake(tiny_run, "-n", "--configfile", str(config_file)).stdout)
     assert not TRAINING_RULES & set(everything), everything
     assert everything.get("sample") == 1 and everything.get("decode_samples") == 1, everything
+
+
+def test_shared_classifier_arms_are_planned_once_for_two_sample_sets(test_config, tmp_path):
+    """The real arm (once per run) and the reconstruction arm (once per autoencoder) are their own
+    jobs, shared by every sample set's classifier evaluation."""
+    first = next(iter(test_config["sample_sets"].values()))
+    test_config["sample_sets"]["extra"] = {**first, "seed": 123}
+    evaluations = [f"{test_config['results']}/eval/samples/{s['ldm']}/{name}/classifier.json"
+                   for name, s in test_config["sample_sets"].items()]
+    plan = planned_rules(run_snakemake(tmp_path, "-n", *evaluations, config=test_config).stdout)
+    assert plan["evaluate_classifier"] == 2, plan
+    assert plan["evaluate_classifier_real"] == 1, plan
+    assert plan["evaluate_classifier_reconstructions"] == len(test_config["vae"]), plan
