@@ -202,12 +202,6 @@ def python_launcher(wildcards, resources):
 TRAIN_CADENCE = ("val_every", "log_every", "checkpoint_every", "compile")
 
 
-def not_recorded(param):
-    """A param Snakemake does not record (it takes `resources`, which makes it a derived param),
-    so changing its value never plans a rerun."""
-    return lambda wildcards, resources: param(wildcards)
-
-
 def trainer_settings(entry):
     """A vae or ldm entry as its trainer's --settings: what changes the trained model (no
     `inference` section, no TRAIN_CADENCE keys)."""
@@ -251,9 +245,10 @@ def fid_feature_settings():
 
 
 def runtime_only(value):
-    """A param that changes how a job runs, not its output (device, batch size): Snakemake leaves
-    params derived from `resources` out of its params rerun trigger, so changing it reruns nothing."""
-    return lambda wildcards, resources: value
+    """A param that changes how a job runs, not its output (device, batch size, logging cadence):
+    Snakemake leaves params derived from `resources` out of its params rerun trigger, so changing
+    it reruns nothing. ``value`` is the param, or a function of the wildcards that gives it."""
+    return lambda wildcards, resources: value(wildcards) if callable(value) else value
 
 
 def reconstruction_fid_features(wildcards):

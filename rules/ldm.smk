@@ -18,7 +18,7 @@ rule train_ldm:
         **rule_resources("train_ldm"),
     params:
         settings=lambda wc: trainer_settings(ldm_entry(wc.ldm)),
-        cadence=not_recorded(lambda wc: trainer_cadence(ldm_entry(wc.ldm))),
+        cadence=runtime_only(lambda wc: trainer_cadence(ldm_entry(wc.ldm))),
         run_dir=lambda wc: f"{RESULTS}/runs/ldm/{wc.ldm}",
         python=python_launcher,
     shell:

@@ -28,7 +28,7 @@ rule train_vae:
         **rule_resources("train_vae"),
     params:
         settings=lambda wc: trainer_settings(config["vae"][wc.vae]),
-        cadence=not_recorded(lambda wc: trainer_cadence(config["vae"][wc.vae])),
+        cadence=runtime_only(lambda wc: trainer_cadence(config["vae"][wc.vae])),
         prepare=settings_json(config["prepare"]),
         classes=",".join(config["classes"]),
         labels=",".join(config["labels"]),
@@ -57,7 +57,7 @@ rule export_latents:
         **rule_resources("export_latents"),
     params:
         # only the batch size is read, which does not change the latents: not a rerun trigger
-        settings=not_recorded(lambda wc: settings_json(config["vae"][wc.vae]["inference"])),
+        settings=runtime_only(lambda wc: settings_json(config["vae"][wc.vae]["inference"])),
     shell:
         "python -m workflow_scripts.export_latents --vae {input.model:q} --manifest {input.manifest:q}"
         " --settings {params.settings:q} --out {output:q} > {log} 2>&1"
