@@ -12,6 +12,9 @@ Quality does not depend on how busy the machine is, speed does, so the two are m
     # demo's measured train_vae / train_ldm times on an idle 2-core machine (--anchor-*)
     python benchmarks/bench_quality.py flops --out results/bench/quality/flops.json
 
+Measure speed on an idle machine: with 2 threads on 2 oversubscribed cores (load ~20) one demo
+VAE step took over 25 s instead of about 0.2 s, and 6.2 s on 1 thread; ``flops`` does not depend on load.
+
 A variant is the config's vae entry (default: demo) with the overrides of ``VARIANTS``; ``quality``
 trains it with ``medldm.vae_training.VAETrainer`` on the prepared cohort
 (``snakemake results/prepared/manifest.tsv`` first), logs the validation curve, and scores the
