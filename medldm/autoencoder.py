@@ -95,6 +95,13 @@ def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(1).mean()
 
 
+def gradient_loss(recon: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Mean L1 distance between the finite differences of ``recon`` and ``image`` along every
+    spatial axis: penalises blurred edges (tissue boundaries), which a voxel loss lets through."""
+    axes = range(2, image.ndim)
+    return sum(F.l1_loss(recon.diff(dim=d), image.diff(dim=d)) for d in axes) / len(axes)
+
+
 def kl_weight(loss: dict, epoch: int) -> float:
     """KL weight at ``epoch`` (0-based): rises linearly from ``kl_weight_start`` to ``kl_weight``
     over ``kl_warmup_epochs`` epochs, constant after."""
@@ -134,6 +141,9 @@ class Losses:
         recon_image, logits = split_output(out.float())
         parts = {"recon": self.recon(recon_image, image), "kl": kl_loss(mu.float(), sigma.float())}
         total = parts["recon"] + kl_weight(self.cfg, epoch) * parts["kl"]
+        if self.cfg["gradient_weight"] > 0:
+            parts["gradient"] = gradient_loss(recon_image, image)
+            total = total + self.cfg["gradient_weight"] * parts["gradient"]
         if logits is not None:
             parts["label"] = self.label(logits, label.unsqueeze(1))
             total = total + self.cfg["label_weight"] * parts["label"]

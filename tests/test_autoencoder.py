@@ -40,6 +40,21 @@ def test_kl_weight_warms_up_linearly():
     assert weights[4:] == [1e-4, 1e-4]
 
 
+def test_gradient_loss_penalises_blurred_edges_and_is_added_to_the_total():
+    image = torch.zeros(1, 1, 8, 8, 8)
+    image[..., 2:6, 2:6, 2:6] = 1.0  # a cube with sharp edges
+    blurred = F.avg_pool3d(image, 3, stride=1, padding=1, count_include_pad=False)
+    assert ae.gradient_loss(image, image) == 0
+    assert ae.gradient_loss(blurred, image) > 0.05
+    # a constant offset leaves every finite difference unchanged
+    assert ae.gradient_loss(image + 0.3, image) == pytest.approx(0, abs=1e-6)
+    mu, sigma = torch.zeros(1, 2, 2, 2, 2), torch.ones(1, 2, 2, 2, 2)
+    off = ae.Losses(vae_settings()["loss"], 3)(blurred, image, None, mu, sigma, 0)
+    on = ae.Losses(vae_settings(loss={"gradient_weight": 2.0})["loss"], 3)(blurred, image, None, mu, sigma, 0)
+    assert "gradient" not in off
+    assert on["total"] == pytest.approx(off["total"] + 2.0 * on["gradient"])
+
+
 def _recon_l1(net, data) -> float:
     with torch.no_grad():
         net.eval()
