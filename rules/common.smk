@@ -269,6 +269,7 @@ def slurm_requests():
     for job in workflow.dag.get_jobs_or_groups():
         if job.is_local:
             continue
+        job.reset_params_and_resources()  # as the scheduler does before submitting: evaluate all
         res = job.resources
         cpus = res.get("cpus_per_task") or job.threads  # the profile's cpus_per_task: threads
         mem = res.get("mem_mb") or (res.get("mem_mb_per_cpu") or 0) * max(cpus, 1) or None

@@ -44,8 +44,9 @@ def test_preflight_names_rule_request_and_limit():
     assert "rule train_vae: 16 CPUs per task (threads), but the nodes of partition 'cpu' have at most 8" in text
     assert "rule train_vae: 1 GPUs, but the nodes of partition 'cpu' have at most 0" in text
     assert "rule train_vae: runtime 3000 min, but partition 'cpu'" not in text  # infinite there
-    assert "partition 'gpux' does not exist (sinfo lists cpu, gpu)" in text
+    assert "rule sample: partition 'gpux' does not exist (sinfo lists cpu, gpu)" in text
     assert "prepare" not in text and "train_ldm" not in text
+    assert "add `max-threads: 8` to the profile" in text
 
 
 def _dry_run_resources(tmp_path, test_config, rule, **cluster) -> str:
@@ -74,7 +75,7 @@ def test_training_in_a_slurm_job_without_gpu_refuses_unless_cpu(monkeypatch, cap
         training_device("auto")
     with caplog.at_level(logging.INFO):
         assert training_device("cpu").type == "cpu"
-    assert "SLURM job 4242 was given no GPU" in caplog.text and "training on cpu" in caplog.text
+    assert "SLURM job 4242 has no GPU that torch can use" in caplog.text and "training on cpu" in caplog.text
     monkeypatch.delenv("SLURM_JOB_ID")
     assert training_device("auto").type == "cpu"  # a workstation without GPU: fine
 
@@ -91,7 +92,7 @@ def test_trainers_refuse_before_reading_inputs(tmp_path, script):
     proc = subprocess.run([sys.executable, "-m", f"workflow_scripts.{script}", *args[script]], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
-    assert "SLURM job 77 was given no GPU" in proc.stderr.splitlines()[0]
+    assert "SLURM job 77 has no GPU that torch can use" in proc.stderr.splitlines()[0]
     assert "error: SLURM job 77 has no GPU" in proc.stderr and "missing" not in proc.stderr
 
 
