@@ -92,17 +92,19 @@ def read_partitions() -> dict[str, Partition]:
     return parse_sinfo(out)
 
 
+def partition_of(request: Request, partitions: dict[str, Partition]) -> Partition | None:
+    """The partition a request goes to (the default one when it names none), None if unknown."""
+    if request.partition is None:
+        return next((p for p in partitions.values() if p.default), None)
+    return partitions.get(request.partition)
+
+
 def problems(request: Request, partitions: dict[str, Partition]) -> list[str]:
     """Why ``request`` can never start on its partition (empty when it can)."""
-    if request.partition is None:
-        part = next((p for p in partitions.values() if p.default), None)
-        if part is None:
-            return [f"rule {request.rule}: no partition given and the cluster has no default partition"]
-    else:
-        part = partitions.get(request.partition)
-        if part is None:
-            return [f"rule {request.rule}: partition {request.partition!r} does not exist "
-                    f"(sinfo lists {', '.join(sorted(partitions))})"]
+    part = partition_of(request, partitions)
+    if part is None:
+        return [f"rule {request.rule}: partition {request.partition or '(default)'!r} does not exist "
+                f"(sinfo lists {', '.join(sorted(partitions))})"]
     where = f"partition {part.name!r}"
     found = []
     if request.cpus > part.cpus:
@@ -120,16 +122,17 @@ def problems(request: Request, partitions: dict[str, Partition]) -> list[str]:
     return found
 
 
-HOW_TO_FIX = (
-    "Nothing was submitted: such jobs would wait forever (PENDING, reason PartitionConfig). Lower the "
-    "request in the config's `resources` or the profile's `set-resources` / `set-threads`, or pick "
-    "another partition (`slurm_partition`); `max-threads: N` in the profile caps every job's threads "
-    "at N. See profiles/README.md."
-)
-
-
 def check(requests: list[Request], partitions: dict[str, Partition]) -> None:
     """Raise InputError listing every request that no node of its partition can satisfy."""
     found = sorted({line for request in requests for line in problems(request, partitions)})
-    if found:
-        raise InputError("SLURM preflight:\n  " + "\n  ".join(found) + "\n" + HOW_TO_FIX)
+    if not found:
+        return
+    fix = ("Nothing was submitted: such jobs would wait forever (PENDING, reason PartitionConfig). "
+           "Lower the request in the config's `resources` or the profile's `set-resources` / "
+           "`set-threads`, or pick another partition (`slurm_partition`).")
+    cpu_limits = [part.cpus for r in requests
+                  if (part := partition_of(r, partitions)) is not None and r.cpus > part.cpus]
+    if cpu_limits:
+        fix += (f" To cap every job's threads at the node size instead, add `max-threads: {min(cpu_limits)}` "
+                "to the profile.")
+    raise InputError("SLURM preflight:\n  " + "\n  ".join(found) + "\n" + fix + " See profiles/README.md.")

@@ -51,7 +51,7 @@ def training_device(requested: str = "auto") -> torch.device:
     job = os.environ.get("SLURM_JOB_ID")
     if job and not torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
-        log.warning("SLURM job %s was given no GPU (CUDA_VISIBLE_DEVICES=%s)", job, visible)
+        log.warning("SLURM job %s has no GPU that torch can use (CUDA_VISIBLE_DEVICES=%s)", job, visible)
         if requested == "auto":
             from medldm.errors import InputError
 
