@@ -265,10 +265,12 @@ def slurm_requests():
     """What each job (or group job) of this run will ask SLURM for."""
     from medldm.preflight import Request, gres_gpus
 
-    requests = []
-    for job in workflow.dag.get_jobs_or_groups():
-        if job.is_local:
+    requests, seen = [], set()
+    for job in workflow.dag.needrun_jobs():
+        job = workflow.dag.get_job_group(job) or job  # a group job is one sbatch job
+        if job.is_local or job in seen:
             continue
+        seen.add(job)
         job.reset_params_and_resources()  # as the scheduler does before submitting: evaluate all
         res = job.resources
         cpus = res.get("cpus_per_task") or job.threads  # the profile's cpus_per_task: threads

@@ -220,7 +220,7 @@ def test_cancelled_training_resumes_from_checkpoint(chain):
 def test_every_job_ran_under_slurm(chain):
     logs = chain["workdir"] / ".snakemake" / "slurm_logs"
     for rule in CHAIN_RULES:
-        assert list(logs.glob(f"*_{rule}*/*.log")), f"no SLURM log for {rule}"  # rule_ or group_
+        assert list(logs.glob(f"*_{rule}*/**/*.log")), f"no SLURM log for {rule}"  # rule_ or group_
     submitted = chain["submitted"]
     counts = {r: list(submitted.values()).count(r) for r in CHAIN_RULES}
     # prepare: the 8 subjects in one group job (profile group-components); train_vae twice
