@@ -3,6 +3,7 @@ GPU inside a SLURM job, and the stop decision under torchrun. tests/slurm/ runs 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -123,7 +124,8 @@ def test_ddp_stop_is_agreed_at_every_step(tmp_path):
            "-m", "workflow_scripts.train_ldm", "--settings", json.dumps(settings), "--latents", str(latents),
            "--vae", str(vae), "--run-dir", str(run_dir), "--out", str(tmp_path / "ldm.pt"), "--device", "cpu"]
     env = {**snakemake_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while not (run_dir / "metrics.csv").is_file():  # rank 0 is in its loop (rank 1 past the barrier)
@@ -134,10 +136,10 @@ def test_ddp_stop_is_agreed_at_every_step(tmp_path):
         assert rank1, "no torchrun worker with LOCAL_RANK=1"
         os.kill(rank1, signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)  # before: rank 0 never heard of it and trained on
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    finally:  # torchrun and both workers, whatever happened (they catch SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
     stopped = re.findall(r"stopped at step (\d+); checkpoint written", out)
     assert len(stopped) == 2 and stopped[0] == stopped[1], out[-3000:]
     assert [p.name for p in run_dir.glob("ckpt-*.pt")] == [f"ckpt-{int(stopped[0]):09d}.pt"], out[-3000:]
