@@ -32,6 +32,7 @@ from medldm.runtime import (
     init_distributed,
     is_main_process,
     seed_everything,
+    stop_agreed,
     warmup_cosine,
 )
 
@@ -236,16 +237,9 @@ class Trainer:
                 total += float(diffusion.diffusion_loss(model, self.strategy, x0, y, self.min_snr_gamma)) * len(x0)
         return total / len(x_all)
 
-    def _should_stop(self, step: int) -> bool:
-        """Single process: the stop flag. DDP: any rank's flag, agreed at log steps only (one sync)."""
-        flag = bool(self.stop)
-        if self.world == 1:
-            return flag
-        if step % self.cfg["log_every"]:
-            return False
-        agreed = torch.tensor([float(flag)], device=self.device)
-        torch.distributed.all_reduce(agreed)
-        return bool(agreed.item())
+    def _should_stop(self) -> bool:
+        """The stop flag, agreed by all ranks at every step (under DDP: one tiny all-reduce)."""
+        return stop_agreed(bool(self.stop), self.device)
 
     def run(self) -> int:
         cfg, main = self.cfg, is_main_process()
@@ -274,10 +268,12 @@ class Trainer:
                     log.info("step %d/%d %s", step, total, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
                 running.zero_()
                 count, tic = 0, time.perf_counter()
-            stopping = self._should_stop(step)
+            stopping = self._should_stop()
             if main and (stopping or step % cfg["checkpoint_every"] == 0 or step == total):
                 self._checkpoint(step)
             if stopping:  # even at the last step: the rerun resumes there and writes ldm.pt
+                if self.world > 1:
+                    torch.distributed.barrier()  # no rank exits before the checkpoint is written
                 log.warning("stopped at step %d; checkpoint written, a rerun resumes", step)
                 bar.close()
                 return EXIT_INTERRUPTED

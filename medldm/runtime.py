@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
 
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
@@ -38,6 +39,43 @@ def pick_device(requested: str = "auto") -> torch.device:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     return device
+
+
+def training_device(requested: str = "auto") -> torch.device:
+    """The device of a training job, said in its first log lines.
+
+    Inside a SLURM job (``SLURM_JOB_ID`` set) that was given no GPU, ``auto`` refuses to start:
+    a job sent to a GPU partition without a GPU request would otherwise train on the CPU for days.
+    ``cpu`` (config ``cluster.device: cpu``) allows it on purpose.
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        log.warning("SLURM job %s has no GPU that torch can use (CUDA_VISIBLE_DEVICES=%s)", job, visible)
+        if requested == "auto":
+            from medldm.errors import InputError
+
+            raise InputError(
+                f"SLURM job {job} has no GPU, so training would run on the CPU. Request a GPU for "
+                "this rule (config `resources`, `cluster.gpu: true`), or set `cluster.device: cpu` "
+                "to train on the CPU on purpose"
+            )
+    device = pick_device(requested)
+    log.info("training on %s", device)
+    return device
+
+
+def stop_agreed(flag: bool, device: torch.device) -> bool:
+    """True on every rank when any rank's stop flag is set (one all-reduce; call it every step).
+
+    A SLURM warning signal may reach one rank only, or the ranks at different steps: agreeing
+    every step makes all ranks checkpoint and stop together, within the grace time.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    agreed = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+    return bool(agreed.item())
 
 
 def autocast(device: torch.device, enabled: bool = True):

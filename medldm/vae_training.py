@@ -35,6 +35,7 @@ from medldm.runtime import (
     is_main_process,
     memory_format,
     seed_everything,
+    stop_agreed,
     warmup_cosine,
 )
 
@@ -177,10 +178,7 @@ class VAETrainer:
             dist.barrier()
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor(float(bool(self.stop)), device=self.device)
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return stop_agreed(bool(self.stop), self.device)
 
     # -- one step -------------------------------------------------------------------------------
     def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -30,16 +30,21 @@ def jobs_python():
     return f'python() {{{{ {shlex.quote(sys.executable)} "$@"; }}}}; '
 
 
-# Jobs run `python -m workflow_scripts.<stage>` and import medldm from this checkout, from any
-# working directory and inside per-rule conda environments.
-shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; {jobs_python()}")
-
 validate(config, "../config/schemas/config.schema.yaml", set_default=True)
 
 try:
     intensity_model(config["prepare"]["intensity"])
 except InputError as err:
     raise WorkflowError(str(err))
+
+# Jobs run `python -m workflow_scripts.<stage>` and import medldm from this checkout, from any
+# working directory and inside per-rule conda environments. Job shells trap SIGTERM (SLURM's early warning before a time limit, then the limit itself), so
+# the program they run decides how the job ends: a trainer writes its checkpoint and exits 75.
+# MEDLDM_DEVICE: the trainers' device (config cluster.device), not a param: it changes no result.
+shell.prefix(
+    f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; {jobs_python()}"
+    f"export MEDLDM_DEVICE={config['cluster']['device']}; trap : TERM; "
+)
 
 RESULTS = config["results"]
 PREPARED = f"{RESULTS}/prepared"
@@ -59,8 +64,16 @@ def settings_json(section):
 
 
 def rule_resources(rule_name):
-    """The config's `resources` entry of one rule (empty when not set)."""
-    return config["resources"].get(rule_name, {})
+    """Resources of a GPU rule: its config `resources` entry, one GPU unless that entry names GPUs
+    (`gpu`, `gres`, `gpu_model`) or `cluster.gpu` is false, and a `runtime` (minutes) that grows
+    with the attempt, so a job resubmitted after its time limit gets longer."""
+    res = dict(config["resources"].get(rule_name, {}))
+    if config["cluster"]["gpu"] and not {"gpu", "gres", "gpu_model"} & res.keys():
+        res["gpu"] = 1
+    if "runtime" in res:
+        minutes = res["runtime"]
+        res["runtime"] = lambda wildcards, attempt: minutes * attempt
+    return res
 
 
 def load_samples():
@@ -352,3 +365,35 @@ def report_inputs():
             if entry[key]:
                 files[f"{key}_{name}"] = entry[key]
     return files
+
+
+# SLURM preflight (medldm/preflight.py): runs after the DAG is built and before the first sbatch.
+def slurm_requests():
+    """What each job (or group job) of this run will ask SLURM for."""
+    from medldm.preflight import Request, gres_gpus
+
+    requests, seen = [], set()
+    for job in workflow.dag.needrun_jobs():
+        job = workflow.dag.get_job_group(job) or job  # a group job is one sbatch job
+        if job.is_local or job in seen:
+            continue
+        seen.add(job)
+        job.reset_params_and_resources()  # as the scheduler does before submitting: evaluate all
+        res = job.resources
+        cpus = res.get("cpus_per_task") or job.threads  # the profile's cpus_per_task: threads
+        mem = res.get("mem_mb") or (res.get("mem_mb_per_cpu") or 0) * max(cpus, 1) or None
+        gpus = res.get("gpu") or gres_gpus(str(res.get("gres") or "")) or int(bool(res.get("gpu_model")))
+        name = f"group {job.name}" if job.is_group() else job.name
+        requests.append(Request(name, res.get("slurm_partition") or None, max(int(cpus), 0),
+                                mem, int(gpus), res.get("runtime")))
+    return requests
+
+
+onstart:
+    if workflow.executor_plugin is not None and workflow.executor_plugin.name == "slurm":
+        from medldm.preflight import check, read_partitions
+
+        try:
+            check(slurm_requests(), read_partitions())
+        except InputError as err:
+            raise WorkflowError(str(err))

@@ -12,6 +12,8 @@ rule prepare:
         **prepare_outputs(),
     log:
         f"{RESULTS}/logs/prepare/{{subject}}.log",
+    group:
+        "prepare"  # on a cluster, subjects go to SLURM in groups (profile: group-components)
     conda:
         "../envs/cpu.yaml"
     params:

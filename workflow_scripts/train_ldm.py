@@ -9,6 +9,7 @@ Under torchrun (WORLD_SIZE > 1) every rank trains on its share of each batch; ra
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from medldm.checkpoint import StopFlag
 from medldm.errors import run_cli
 from medldm.ldm_training import Trainer
-from medldm.runtime import pick_device, setup_logging
+from medldm.runtime import setup_logging, training_device
 from medldm.settings import load_settings, with_cadence
 
 
@@ -29,10 +30,12 @@ def main(argv=None) -> int:
     parser.add_argument("--vae", type=Path, help="the vae.pt that wrote the latents (its sha256 is checked)")
     parser.add_argument("--run-dir", required=True, type=Path, help="checkpoints and metrics")
     parser.add_argument("--out", required=True, type=Path, help="ldm.pt to write")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", default=os.environ.get("MEDLDM_DEVICE", "auto"),
+                        help="auto, cpu, cuda or cuda:N (default: $MEDLDM_DEVICE, which the workflow "
+                        "sets from config cluster.device, else auto)")
     args = parser.parse_args(argv)
     setup_logging()
-    device = pick_device(args.device)
+    device = training_device(args.device)
     with StopFlag() as stop:
         settings = with_cadence(load_settings(args.settings), args.cadence)
         trainer = Trainer(settings, args.latents, args.vae, args.run_dir, args.out, device, stop)

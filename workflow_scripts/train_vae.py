@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from medldm.data import load_prepared
 from medldm.errors import EXIT_INTERRUPTED, run_cli
 from medldm.io import atomic_path
 from medldm.provenance import config_hash, provenance, sha256_file
-from medldm.runtime import init_distributed, is_main_process, pick_device, setup_logging
+from medldm.runtime import init_distributed, is_main_process, setup_logging, training_device
 from medldm.settings import load_settings, name_list, with_cadence
 from medldm.vae_training import VAETrainer
 
@@ -48,7 +49,9 @@ def parse_args(argv):
     parser.add_argument("--run-dir", required=True, type=Path, help="checkpoints, metrics, montages")
     parser.add_argument("--out", required=True, type=Path, help="vae.pt to write")
     parser.add_argument("--montage", type=Path, help="PNG of validation reconstructions to write")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", default=os.environ.get("MEDLDM_DEVICE", "auto"),
+                        help="auto, cpu, cuda or cuda:N (default: $MEDLDM_DEVICE, which the workflow "
+                        "sets from config cluster.device, else auto)")
     return parser.parse_args(argv)
 
 
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
     _, world = init_distributed()
-    device = pick_device(args.device)
+    device = training_device(args.device)
     settings, prepare = with_cadence(load_settings(args.settings), args.cadence), load_settings(args.prepare)
     classes = args.classes
     labels = args.labels

@@ -109,3 +109,32 @@ def test_failing_rule_reports_slurm_state(toy):
     assert res.returncode != 0, res.stdout
     assert "FAILED" in res.stdout, res.stdout
     assert not (workdir / "never.txt").exists()
+
+
+GROUPED_SNAKEFILE = r"""
+localrules: all
+
+rule all:
+    input: expand("out/{i}.txt", i=range(6))
+
+rule per_subject:
+    output: "out/{i}.txt"
+    group: "subjects"
+    shell: "echo job=${{SLURM_JOB_ID:-none}} > {output}"
+"""
+
+
+def test_grouped_per_subject_jobs_share_sbatch_jobs(slurm_cluster, tmp_path):
+    """6 per-subject jobs in groups of 3: 2 sbatch jobs, each sized for jobs run one after
+    another (the profile's group_serial): one job's CPUs and memory, the sum of the runtimes."""
+    (tmp_path / "Snakefile").write_text(GROUPED_SNAKEFILE)
+    profile = merged_profile(tmp_path / "profile", {
+        "group-components": ["subjects=3"],
+        "set-resources": {"per_subject": {"runtime": 2, "mem_mb": 500}},
+    })
+    res = run_snakemake(tmp_path, profile, timeout=300)
+    assert res.returncode == 0, res.stdout
+    jobs = {_fields(p)["job"] for p in (tmp_path / "out").glob("*.txt")}
+    assert len(jobs) == 2, jobs
+    for job in map(scontrol_job, jobs):
+        assert (job["NumCPUs"], job["MinMemoryNode"], job["TimeLimit"]) == ("1", "500M", "00:06:00"), job
