@@ -23,5 +23,5 @@ rule all:
     input:
         rules.prepared.input,
         rules.autoencoders.input,
-        rules.samples.input,
+        rules.synthetic.input,
         rules.report.output.html,

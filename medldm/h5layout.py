@@ -58,7 +58,7 @@ _REQUIRED = {
 _RECREATE = {
     LATENTS: "rerun export_latents (real subjects) or sample (a sample set), e.g. "
              "`snakemake --forcerun export_latents sample`",
-    VOLUMES: "rerun decode (`snakemake --forcerun decode_reconstructions decode_samples`)",
+    VOLUMES: "rerun decode (`snakemake --forcerun decode_reconstructions decode_synthetic`)",
 }
 _REQUIRED_ATTRS = ("grid_affine", "grid_shape", "class_names", "label_names", "settings")
 

@@ -471,7 +471,7 @@ def _provenance_section(inputs: dict, config: dict) -> Section:
     hashed = {"manifest": inputs["manifest"]}
     hashed |= {f"vae {n}": v["model"] for n, v in inputs.get("vae", {}).items()}
     hashed |= {f"ldm {n}": v["model"] for n, v in inputs.get("ldm", {}).items()}
-    hashed |= {f"samples {n}": s["volumes"] for n, s in inputs.get("sample_sets", {}).items()}
+    hashed |= {f"sample set {n}": s["volumes"] for n, s in inputs.get("sample_sets", {}).items()}
     rows = [{"what": k, "path": str(p), "sha256": sha256_file(p)} for k, p in hashed.items() if Path(p).is_file()]
     weights = _load_json(inputs.get("fid_weights"))
     if weights:

@@ -11,6 +11,7 @@ import sys
 
 import pandas as pd
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
@@ -74,6 +75,24 @@ def rule_resources(rule_name):
         minutes = res["runtime"]
         res["runtime"] = lambda wildcards, attempt: minutes * attempt
     return res
+
+
+# Rules renamed so that "samples" only ever means subjects (the sample sheet): the old names
+# still work as `resources` keys, with a deprecation message.
+RENAMED_RULES = {"decode_samples": "decode_synthetic", "evaluate_samples": "evaluate_synthetic"}
+
+
+def accept_renamed_resources(resources):
+    for old, new in RENAMED_RULES.items():
+        if old not in resources:
+            continue
+        if new in resources:
+            raise WorkflowError(f"config resources: both `{old}` (old name) and `{new}` are set; keep only `{new}`")
+        logger.warning(f"config resources.{old} is deprecated: the rule is now `{new}`; rename the key")
+        resources[new] = resources.pop(old)
+
+
+accept_renamed_resources(config["resources"])
 
 
 def load_samples():
@@ -270,14 +289,14 @@ def reconstruction_fid_features(wildcards):
 
 
 def sample_set_dirs(name):
-    """(samples folder, evaluation folder) of one sample set."""
+    """(folder of the generated volumes, evaluation folder) of one sample set."""
     ldm = config["sample_sets"][name]["ldm"]
-    return f"{RESULTS}/samples/{ldm}/{name}", f"{EVAL}/samples/{ldm}/{name}"
+    return f"{RESULTS}/synthetic/{ldm}/{name}", f"{EVAL}/synthetic/{ldm}/{name}"
 
 
 def reconstructions_h5(vae="{vae}"):
     """The autoencoder's decoded reconstructions of the real subjects (a rule pattern by default)."""
-    return f"{RESULTS}/vae/{vae}/reconstructions/synthetic.h5"
+    return f"{RESULTS}/vae/{vae}/reconstructions/volumes.h5"
 
 
 # Classifier arms trained once: the real one per run, the reconstruction one per autoencoder.
@@ -334,11 +353,11 @@ def report_index():
         "sample_sets": {},
     }
     for name, sample_set in config.get("sample_sets", {}).items():
-        samples, evaluation = sample_set_dirs(name)
+        synthetic, evaluation = sample_set_dirs(name)
         vae = ldm_entry(sample_set["ldm"])["vae"]
         index["sample_sets"][name] = {
             "ldm": sample_set["ldm"],
-            "volumes": f"{samples}/synthetic.h5",
+            "volumes": f"{synthetic}/volumes.h5",
             "metrics": f"{evaluation}/image_metrics.json",
             "classifier": f"{evaluation}/classifier.json" if CLASSIFIER else None,
             "saliency": [

@@ -1,4 +1,4 @@
-# Decoding latents back to images on the prepared grid: synthetic.h5 (for evaluation) and one
+# Decoding latents back to images on the prepared grid: volumes.h5 (for evaluation) and one
 # NIfTI folder per volume. Every latents.h5 holds unscaled latents, so decoding never rescales.
 
 
@@ -7,7 +7,7 @@ rule decode_reconstructions:
         model=f"{RESULTS}/vae/{{vae}}/vae.pt",
         latents=f"{RESULTS}/vae/{{vae}}/latents.h5",
     output:
-        volumes=f"{RESULTS}/vae/{{vae}}/reconstructions/synthetic.h5",
+        volumes=f"{RESULTS}/vae/{{vae}}/reconstructions/volumes.h5",
         nifti=directory(f"{RESULTS}/vae/{{vae}}/reconstructions/nifti"),
     log:
         f"{RESULTS}/logs/vae/{{vae}}/decode_reconstructions.log",
@@ -23,20 +23,20 @@ rule decode_reconstructions:
         " --settings {params.settings:q} --out {output.volumes:q} --nifti-dir {output.nifti:q} > {log} 2>&1"
 
 
-rule decode_samples:
+rule decode_synthetic:
     input:
         model=lambda wc: f"{ldm_vae_dir(wc)}/vae.pt",
-        latents=f"{RESULTS}/samples/{{ldm}}/{{sample_set}}/latents.h5",
+        latents=f"{RESULTS}/synthetic/{{ldm}}/{{sample_set}}/latents.h5",
     output:
-        volumes=f"{RESULTS}/samples/{{ldm}}/{{sample_set}}/synthetic.h5",
-        nifti=directory(f"{RESULTS}/samples/{{ldm}}/{{sample_set}}/nifti"),
+        volumes=f"{RESULTS}/synthetic/{{ldm}}/{{sample_set}}/volumes.h5",
+        nifti=directory(f"{RESULTS}/synthetic/{{ldm}}/{{sample_set}}/nifti"),
     log:
-        f"{RESULTS}/logs/samples/{{ldm}}/{{sample_set}}/decode.log",
+        f"{RESULTS}/logs/synthetic/{{ldm}}/{{sample_set}}/decode.log",
     conda:
         "../envs/torch.yaml"
     threads: 4
     resources:
-        **rule_resources("decode_samples"),
+        **rule_resources("decode_synthetic"),
     params:
         settings=lambda wc: settings_json(config["vae"][ldm_entry(wc.ldm)["vae"]]["inference"]),
     shell:

@@ -77,7 +77,7 @@ rule fid_train_features:
 
 rule fid_reconstruction_features:
     input:
-        reconstructions=f"{RESULTS}/vae/{{vae}}/reconstructions/synthetic.h5",
+        reconstructions=f"{RESULTS}/vae/{{vae}}/reconstructions/volumes.h5",
         manifest=f"{PREPARED}/manifest.tsv",
         weights=rules.fid_weights.output[0],
     output:
@@ -102,24 +102,24 @@ rule fid_reconstruction_features:
         " --out {output:q} > {log} 2>&1"
 
 
-rule evaluate_samples:
+rule evaluate_synthetic:
     input:
-        volumes=f"{RESULTS}/samples/{{ldm}}/{{sample_set}}/synthetic.h5",
+        volumes=f"{RESULTS}/synthetic/{{ldm}}/{{sample_set}}/volumes.h5",
         reference=rules.fid_reference.output[0],
         train=FID_TRAIN_FEATURES,
         reconstruction=reconstruction_fid_features,
         manifest=f"{PREPARED}/manifest.tsv",
         weights=rules.fid_weights.output[0],
     output:
-        json=f"{EVAL}/samples/{{ldm}}/{{sample_set}}/image_metrics.json",
-        csv=f"{EVAL}/samples/{{ldm}}/{{sample_set}}/fid.csv",
+        json=f"{EVAL}/synthetic/{{ldm}}/{{sample_set}}/image_metrics.json",
+        csv=f"{EVAL}/synthetic/{{ldm}}/{{sample_set}}/fid.csv",
     log:
-        f"{RESULTS}/logs/eval/{{ldm}}/{{sample_set}}/evaluate_samples.log",
+        f"{RESULTS}/logs/eval/{{ldm}}/{{sample_set}}/evaluate_synthetic.log",
     conda:
         "../envs/torch.yaml"
     threads: 4
     resources:
-        **rule_resources("evaluate_samples"),
+        **rule_resources("evaluate_synthetic"),
     params:
         settings=settings_json(
             {"fid": fid_settings(fetch=False), "msssim": EVALUATE["msssim"]}
@@ -129,7 +129,7 @@ rule evaluate_samples:
         device=runtime_only(EVALUATE["device"]),
         batch_size=runtime_only(EVALUATE["fid"]["batch_size"]),
     shell:
-        "python -m workflow_scripts.evaluate_samples --volumes {input.volumes:q} --reference {input.reference:q}"
+        "python -m workflow_scripts.evaluate_synthetic --volumes {input.volumes:q} --reference {input.reference:q}"
         " --train-features {input.train:q} --reconstruction-features {input.reconstruction:q}"
         " --manifest {input.manifest:q} --classes {params.classes:q} --split {params.split}"
         " --settings {params.settings:q} --weights-record {input.weights:q} --device {params.device}"
@@ -186,13 +186,13 @@ rule evaluate_classifier_reconstructions:
 
 rule evaluate_classifier:
     input:
-        volumes=f"{RESULTS}/samples/{{ldm}}/{{sample_set}}/synthetic.h5",
+        volumes=f"{RESULTS}/synthetic/{{ldm}}/{{sample_set}}/volumes.h5",
         manifest=f"{PREPARED}/manifest.tsv",
         real_arm=rules.evaluate_classifier_real.output.json,
         reconstruction_arm=reconstruction_arm,
     output:
-        **classifier_outputs(f"{EVAL}/samples/{{ldm}}/{{sample_set}}", "{sample_set}"),
-        csv=f"{EVAL}/samples/{{ldm}}/{{sample_set}}/classifier.csv",
+        **classifier_outputs(f"{EVAL}/synthetic/{{ldm}}/{{sample_set}}", "{sample_set}"),
+        csv=f"{EVAL}/synthetic/{{ldm}}/{{sample_set}}/classifier.csv",
     log:
         f"{RESULTS}/logs/eval/{{ldm}}/{{sample_set}}/evaluate_classifier.log",
     conda:

@@ -1,4 +1,4 @@
-# Named sample sets: results/samples/<ldm>/<set>/latents.h5 (unscaled latents, ready to decode).
+# Named sample sets: results/synthetic/<ldm>/<set>/latents.h5 (unscaled latents, ready to decode).
 # A set's job depends only on its own settings and the trained models, so adding a set to the
 # config never reruns training.
 
@@ -8,9 +8,9 @@ rule sample:
         ldm=f"{RESULTS}/ldm/{{ldm}}/ldm.pt",
         vae=lambda wc: f"{ldm_vae_dir(wc)}/vae.pt",
     output:
-        f"{RESULTS}/samples/{{ldm}}/{{sample_set}}/latents.h5",
+        f"{RESULTS}/synthetic/{{ldm}}/{{sample_set}}/latents.h5",
     log:
-        f"{RESULTS}/logs/samples/{{ldm}}/{{sample_set}}/sample.log",
+        f"{RESULTS}/logs/synthetic/{{ldm}}/{{sample_set}}/sample.log",
     conda:
         "../envs/torch.yaml"
     threads: 4
@@ -23,6 +23,6 @@ rule sample:
         " --settings {params.settings:q} --name {wildcards.sample_set} --out {output:q} > {log} 2>&1"
 
 
-rule samples:
+rule synthetic:
     input:
-        [f"{sample_set_dirs(name)[0]}/synthetic.h5" for name in config["sample_sets"]],
+        [f"{sample_set_dirs(name)[0]}/volumes.h5" for name in config["sample_sets"]],

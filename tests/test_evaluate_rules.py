@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import run_snakemake
 
 FEATURE_RULES = {"fid_reference", "fid_train_features", "fid_reconstruction_features"}
-FID_RULES = FEATURE_RULES | {"evaluate_samples"}
+FID_RULES = FEATURE_RULES | {"evaluate_synthetic"}
 
 
 def planned(workdir: Path, config: dict) -> set[str]:
@@ -57,7 +57,7 @@ def test_kid_settings_plan_no_feature_job(recorded):
     changed = {**config, "evaluate": {**config["evaluate"],
                                       "fid": {**config["evaluate"]["fid"], "kid_subsets": 3, "bootstrap": 5}}}
     jobs = planned(workdir, changed)
-    assert "evaluate_samples" in jobs and not jobs & FEATURE_RULES, jobs
+    assert "evaluate_synthetic" in jobs and not jobs & FEATURE_RULES, jobs
 
 
 def test_slice_settings_recompute_the_features(recorded):

@@ -23,7 +23,7 @@ from medldm.samplesheet import MANIFEST_COLUMNS
 from workflow_scripts import (
     evaluate_classifier,
     evaluate_reconstruction,
-    evaluate_samples,
+    evaluate_synthetic,
     fetch_fid_weights,
     fid_reference,
 )
@@ -98,7 +98,7 @@ def evaluated(tmp_path_factory) -> Path:
         run(fid_reference, *features, "--split", "train", "--out", out / "train.npz")
         run(fid_reference, *features, "--reconstructions", recon, "--out", out / "recon_features.npz")
         for volumes, stem in ((samples, "metrics"), (empty, "metrics_empty")):
-            run(evaluate_samples, *common, "--volumes", volumes, "--reference", out / "reference.npz",
+            run(evaluate_synthetic, *common, "--volumes", volumes, "--reference", out / "reference.npz",
                 "--train-features", out / "train.npz", "--reconstruction-features", out / "recon_features.npz",
                 "--settings", json.dumps({"fid": FID, "msssim": MSSSIM}), "--weights-record", out / "weights.json",
                 "--device", "cpu", "--out-json", out / f"{stem}.json", "--out-csv", out / f"{stem}.csv")

@@ -32,13 +32,13 @@ def test_new_sample_set_runs_only_its_sampling_and_decoding(tiny_run, test_confi
     config_file.write_text(yaml.safe_dump(test_config))
 
     results = test_config["results"]
-    target = f"{results}/samples/{ldm}/extra/synthetic.h5"
+    target = f"{results}/synthetic/{ldm}/extra/synthetic.h5"
     plan = planned_rules(run_snakemake(tiny_run, "-n", target, "--configfile", str(config_file)).stdout)
-    assert plan == {"sample": 1, "decode_samples": 1}, plan
+    assert plan == {"sample": 1, "decode_synthetic": 1}, plan
 
     everything = planned_rules(run_snakemake(tiny_run, "-n", "--configfile", str(config_file)).stdout)
     assert not TRAINING_RULES & set(everything), everything
-    assert everything.get("sample") == 1 and everything.get("decode_samples") == 1, everything
+    assert everything.get("sample") == 1 and everything.get("decode_synthetic") == 1, everything
 
 
 def test_shared_classifier_arms_are_planned_once_for_two_sample_sets(test_config, tmp_path):
@@ -46,9 +46,24 @@ def test_shared_classifier_arms_are_planned_once_for_two_sample_sets(test_config
     jobs, shared by every sample set's classifier evaluation."""
     first = next(iter(test_config["sample_sets"].values()))
     test_config["sample_sets"]["extra"] = {**first, "seed": 123}
-    evaluations = [f"{test_config['results']}/eval/samples/{s['ldm']}/{name}/classifier.json"
+    evaluations = [f"{test_config['results']}/eval/synthetic/{s['ldm']}/{name}/classifier.json"
                    for name, s in test_config["sample_sets"].items()]
     plan = planned_rules(run_snakemake(tmp_path, "-n", *evaluations, config=test_config).stdout)
     assert plan["evaluate_classifier"] == 2, plan
     assert plan["evaluate_classifier_real"] == 1, plan
     assert plan["evaluate_classifier_reconstructions"] == len(test_config["vae"]), plan
+
+
+def test_old_rule_names_still_work_as_resources_keys(test_config, tmp_path):
+    """`decode_samples` became `decode_synthetic` ("samples" only means subjects): an old
+    `resources` key still applies to the renamed rule, with a deprecation message."""
+    test_config["resources"] = {"decode_samples": {"mem_mb": 1234}}
+    target = f"{test_config['results']}/synthetic/demo/demo/volumes.h5"
+    proc = run_snakemake(tmp_path, "-n", target, config=test_config)
+    assert "resources.decode_samples is deprecated" in proc.stdout + proc.stderr
+    job = proc.stdout.split("rule decode_synthetic:")[1].split("\n\n")[0]
+    assert "mem_mb=1234" in job, job
+
+    test_config["resources"]["decode_synthetic"] = {"mem_mb": 1}
+    out = run_snakemake(tmp_path, "-n", target, config=test_config, check=False)
+    assert out.returncode != 0 and "keep only `decode_synthetic`" in out.stdout + out.stderr

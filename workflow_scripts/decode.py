@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Decode a latents HDF5 file (export_latents' real latents, or sampled ones) with vae.pt.
 
-Writes synthetic.h5 (a volumes file: all images, and label maps in paired-label mode) and one
+Writes volumes.h5 (a volumes file: all images, and label maps in paired-label mode) and one
 NIfTI per volume, <nifti-dir>/<id>/image.nii.gz (+ label.nii.gz), each with its row's affine:
 a real subject's reconstruction sits where that subject's prepared image sits; a generated
 volume (no source subject) uses the prepared grid's reference affine (the first subject's).
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vae", required=True, type=Path, help="vae.pt from train_vae")
     parser.add_argument("--latents", required=True, type=Path, help="latents.h5 (export_latents or sample)")
     parser.add_argument("--settings", required=True, help="the vae's inference section (JSON or YAML file)")
-    parser.add_argument("--out", required=True, type=Path, help="synthetic.h5 to write")
+    parser.add_argument("--out", required=True, type=Path, help="volumes.h5 to write")
     parser.add_argument("--nifti-dir", required=True, type=Path, help="folder for one NIfTI per volume")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)

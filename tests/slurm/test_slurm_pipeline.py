@@ -1,11 +1,11 @@
 """The real tiny pipeline (config/test.yaml, shrunk further) through the local SLURM.
 
-One module fixture runs the chain to the sample set's synthetic.h5 under profiles/slurm:
+One module fixture runs the chain to the sample set's volumes.h5 under profiles/slurm:
 first in the background, cancelling train_vae (scancel: SIGTERM, then SIGKILL after
 KillWait, as at a time limit) once it has written a checkpoint; then a rerun, which must
 resume from that checkpoint and finish. The tests check the result: every job went
 through SLURM, the GPU rules were allocated the (fake) GPU, the outputs open, a third run
-does nothing, and a new sample set only adds `sample` and `decode_samples` jobs.
+does nothing, and a new sample set only adds `sample` and `decode_synthetic` jobs.
 
 Needs root and apt-get (cluster.sh); several minutes (the training jobs dominate).
 """
@@ -31,11 +31,11 @@ if _reason:
 
 pytestmark = pytest.mark.slurm
 
-TARGET = "results/samples/demo/demo/synthetic.h5"
-GPU_RULES = ("train_vae", "export_latents", "train_ldm", "sample", "decode_samples",
+TARGET = "results/synthetic/demo/demo/volumes.h5"
+GPU_RULES = ("train_vae", "export_latents", "train_ldm", "sample", "decode_synthetic",
              "decode_reconstructions")  # fmt: skip
 CHAIN_RULES = ("demo_cohort", "prepare", "manifest", "train_vae", "export_latents",
-               "train_ldm", "sample", "decode_samples")  # fmt: skip
+               "train_ldm", "sample", "decode_synthetic")  # fmt: skip
 VAE_RUN = "results/runs/vae/demo"
 
 
@@ -213,7 +213,7 @@ def test_cancelled_training_resumes_from_checkpoint(chain):
         "export_latents",
         "train_ldm",
         "sample",
-        "decode_samples",
+        "decode_synthetic",
     }, rerun_rules
 
 
@@ -270,7 +270,7 @@ def test_new_sample_set_adds_only_sampling_jobs(chain):
     extra.write_text(yaml.safe_dump(
         {"sample_sets": {"more": {"ldm": "demo", "n": 2, "sampler": "rflow", "steps": 4, "batch_size": 2}}}
     ))  # fmt: skip
-    dry = _run(chain, "-n", "results/samples/demo/more/synthetic.h5", TARGET,
+    dry = _run(chain, "-n", "results/synthetic/demo/more/volumes.h5", TARGET,
                configfiles=("config.yaml", extra.name), timeout=180)  # fmt: skip
     assert dry.returncode == 0, dry.stdout
     table = re.search(r"Job stats:\n(.*?)\n\n", dry.stdout, re.S)
@@ -280,4 +280,4 @@ def test_new_sample_set_adds_only_sampling_jobs(chain):
         for ln in table.group(1).splitlines()[2:]
         if ln.split() and ln.split()[0] != "total"
     }
-    assert rules == {"sample", "decode_samples"}, dry.stdout
+    assert rules == {"sample", "decode_synthetic"}, dry.stdout

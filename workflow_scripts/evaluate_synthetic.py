@@ -23,7 +23,7 @@ from medldm.provenance import provenance
 from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings, name_list
 
-log = logging.getLogger("evaluate_samples")
+log = logging.getLogger("evaluate_synthetic")
 FID_COLUMNS = ["compared", "group", "axis", "fid", "ci_low", "ci_high", "kid_mean", "kid_std", "n_real", "n_synthetic",
                "rank_deficient", "flag"]
 
@@ -84,7 +84,7 @@ def fid_baselines(reference: SliceFeatures, synthetic: SliceFeatures, train: Pat
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--volumes", required=True, type=Path, help="the sample set's synthetic.h5")
+    parser.add_argument("--volumes", required=True, type=Path, help="the sample set's volumes.h5")
     parser.add_argument("--reference", required=True, type=Path, help="real features from fid_reference")
     parser.add_argument("--manifest", required=True, type=Path, help="results/prepared/manifest.tsv")
     parser.add_argument("--classes", type=name_list, default="", help="comma-separated class names (config `classes`)")
