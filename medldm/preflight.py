@@ -8,11 +8,11 @@ line per impossible request naming the rule, the request and the limit.
 
 from __future__ import annotations
 
-import re
 import subprocess
 from dataclasses import dataclass
 
 from medldm.errors import InputError
+from medldm.resources import gres_gpus
 
 SINFO_FORMAT = "%P|%c|%m|%G|%l"  # partition, CPUs per node, memory per node (MB), GRES, time limit
 
@@ -39,15 +39,6 @@ class Request:
     mem_mb: int | None
     gpus: int
     minutes: float | None
-
-
-def gres_gpus(gres: str) -> int:
-    """GPUs in a GRES string: ``gpu:4``, ``gpu:a100:4(S:0-1)``, ``gpu:2,shard:8`` -> 4, 4, 2."""
-    total = 0
-    for item in gres.split(","):
-        match = re.fullmatch(r"gpu(?::[^:(]+)?:(\d+)(?:\(.*\))?", item.strip())
-        total += int(match.group(1)) if match else 0
-    return total
 
 
 def slurm_minutes(limit: str) -> float:

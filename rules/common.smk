@@ -389,7 +389,7 @@ def report_inputs():
 # SLURM preflight (medldm/preflight.py): runs after the DAG is built and before the first sbatch.
 def slurm_requests():
     """What each job (or group job) of this run will ask SLURM for."""
-    from medldm.preflight import Request, gres_gpus
+    from medldm.preflight import Request
 
     requests, seen = [], set()
     for job in workflow.dag.needrun_jobs():
@@ -401,7 +401,7 @@ def slurm_requests():
         res = job.resources
         cpus = res.get("cpus_per_task") or job.threads  # the profile's cpus_per_task: threads
         mem = res.get("mem_mb") or (res.get("mem_mb_per_cpu") or 0) * max(cpus, 1) or None
-        gpus = res.get("gpu") or gres_gpus(str(res.get("gres") or "")) or int(bool(res.get("gpu_model")))
+        gpus = gpus_requested(res)
         name = f"group {job.name}" if job.is_group() else job.name
         requests.append(Request(name, res.get("slurm_partition") or None, max(int(cpus), 0),
                                 mem, int(gpus), res.get("runtime")))

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from medldm.errors import EXIT_BAD_INPUT, InputError
-from medldm.preflight import Request, check, gres_gpus, parse_sinfo, slurm_minutes
+from medldm.preflight import Request, check, parse_sinfo, slurm_minutes
+from medldm.resources import gres_gpus
 from medldm.runtime import training_device
 from tests.conftest import REPO, run_snakemake, snakemake_env
 from tests.ldm_toys import ldm_settings, make_latents, make_vae_file
