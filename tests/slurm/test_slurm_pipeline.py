@@ -34,7 +34,8 @@ pytestmark = pytest.mark.slurm
 TARGET = "results/synthetic/demo/demo/volumes.h5"
 GPU_RULES = ("train_vae", "export_latents", "train_ldm", "sample", "decode_synthetic",
              "decode_reconstructions")  # fmt: skip
-CHAIN_RULES = ("demo_cohort", "prepare", "manifest", "train_vae", "export_latents",
+# the jobs SLURM runs (manifest is a localrule: it runs beside snakemake, never in sbatch)
+CHAIN_RULES = ("demo_cohort", "prepare", "train_vae", "export_latents",
                "train_ldm", "sample", "decode_synthetic")  # fmt: skip
 VAE_RUN = "results/runs/vae/demo"
 
@@ -226,6 +227,7 @@ def test_every_job_ran_under_slurm(chain):
     # prepare: the 8 subjects in one group job (profile group-components); train_vae twice
     # (cancelled + resumed)
     assert counts == {**dict.fromkeys(CHAIN_RULES, 1), "train_vae": 2}, counts
+    assert "localrule manifest:" in chain["first_out"] and "manifest" not in submitted.values()
 
 
 def test_gpu_rules_were_allocated_a_gpu(chain):
