@@ -10,7 +10,7 @@ import yaml
 from tests.conftest import BIN, REPO, run_snakemake, snakemake_env
 from tests.test_workflow_samples import planned_rules
 
-TARGET_RULES = {"all", "prepared", "autoencoders", "samples"}  # rules that only gather others' outputs
+TARGET_RULES = {"all", "prepared", "autoencoders", "synthetic"}  # rules that only gather others' outputs
 
 
 def test_dry_run_lists_every_stage(tmp_path):

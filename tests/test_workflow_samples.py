@@ -32,7 +32,7 @@ def test_new_sample_set_runs_only_its_sampling_and_decoding(tiny_run, test_confi
     config_file.write_text(yaml.safe_dump(test_config))
 
     results = test_config["results"]
-    target = f"{results}/synthetic/{ldm}/extra/synthetic.h5"
+    target = f"{results}/synthetic/{ldm}/extra/volumes.h5"
     plan = planned_rules(run_snakemake(tiny_run, "-n", target, "--configfile", str(config_file)).stdout)
     assert plan == {"sample": 1, "decode_synthetic": 1}, plan
 
