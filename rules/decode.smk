@@ -7,7 +7,7 @@ rule decode_reconstructions:
         model=f"{RESULTS}/vae/{{vae}}/vae.pt",
         latents=f"{RESULTS}/vae/{{vae}}/latents.h5",
     output:
-        volumes=f"{RESULTS}/vae/{{vae}}/reconstructions/volumes.h5",
+        volumes=reconstructions_h5(),
         nifti=directory(f"{RESULTS}/vae/{{vae}}/reconstructions/nifti"),
     log:
         f"{RESULTS}/logs/vae/{{vae}}/decode_reconstructions.log",

@@ -77,7 +77,7 @@ rule fid_train_features:
 
 rule fid_reconstruction_features:
     input:
-        reconstructions=f"{RESULTS}/vae/{{vae}}/reconstructions/volumes.h5",
+        reconstructions=reconstructions_h5(),
         manifest=f"{PREPARED}/manifest.tsv",
         weights=rules.fid_weights.output[0],
     output:

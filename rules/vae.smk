@@ -66,4 +66,4 @@ rule export_latents:
 rule autoencoders:
     input:
         expand(f"{RESULTS}/vae/{{vae}}/latents.h5", vae=config["vae"]),
-        expand(f"{RESULTS}/vae/{{vae}}/reconstructions/volumes.h5", vae=config["vae"]),
+        [reconstructions_h5(name) for name in config["vae"]],
