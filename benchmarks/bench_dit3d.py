@@ -22,7 +22,7 @@ from monai.inferers import DiffusionInferer
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
-from medldm.models.dit3d import build_dit3d
+from medldm.diffusion.dit3d import build_dit3d
 
 NUM_TRAIN_TIMESTEPS = 1000
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Latent diffusion speed, in one run:
 
-1. training throughput of ``train_ldm``'s loop (``medldm.ldm_training.Trainer``: EMA, clipping,
+1. training throughput of ``train_ldm``'s loop (``medldm.diffusion.training.Trainer``: EMA, clipping,
    class-balanced batches, LR schedule, logging) against a bare MONAI loop (scheduler.add_noise,
    forward, MSE, AdamW step) on the same UNet, latents and batch size; target ratio >= 0.95;
 2. sampling wall time per volume: DDPM 1000 steps, DDIM 50, rectified flow 30 (guided, as a
@@ -29,10 +29,10 @@ import torch
 import yaml
 from snakemake.utils import validate
 
-from medldm import diffusion
-from medldm.h5layout import Header, create_latents
-from medldm.ldm_training import Trainer
-from medldm.models.factory import build_diffusion_model
+from medldm.data.h5layout import Header, create_latents
+from medldm.diffusion import process as diffusion
+from medldm.diffusion.backbones import build_diffusion_model
+from medldm.diffusion.training import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 

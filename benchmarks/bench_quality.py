@@ -16,7 +16,7 @@ Measure speed on an idle machine: with 2 threads on 2 oversubscribed cores (load
 VAE step took over 25 s instead of about 0.2 s, and 6.2 s on 1 thread; ``flops`` does not depend on load.
 
 A variant is the config's vae entry (default: demo) with the overrides of ``VARIANTS``; ``quality``
-trains it with ``medldm.vae_training.VAETrainer`` on the prepared cohort
+trains it with ``medldm.autoencoder.training.VAETrainer`` on the prepared cohort
 (``snakemake results/prepared/manifest.tsv`` first), logs the validation curve, and scores the
 test split with the trainer's own ``evaluate_reconstruction`` (MONAI SSIM, PSNR on [0, 1]).
 """
@@ -38,12 +38,12 @@ import yaml
 from snakemake.utils import validate
 from torch.utils.flop_counter import FlopCounterMode
 
-from medldm import autoencoder as ae
-from medldm import diffusion
-from medldm.data import PreparedSet, load_prepared
+from medldm.autoencoder import networks as ae
+from medldm.autoencoder.training import VAETrainer, evaluate_reconstruction
+from medldm.data.cohort import PreparedSet, load_prepared
+from medldm.diffusion import process as diffusion
+from medldm.diffusion.backbones import build_diffusion_model
 from medldm.io import write_json
-from medldm.models.factory import build_diffusion_model
-from medldm.vae_training import VAETrainer, evaluate_reconstruction
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Autoencoder training throughput (volumes per second) of ``train_vae``'s loop
-(``medldm.vae_training.VAETrainer``: exact-resume batching, stop-flag polling, clipping, loss
+(``medldm.autoencoder.training.VAETrainer``: exact-resume batching, stop-flag polling, clipping, loss
 bookkeeping, progress bar) against a bare MONAI loop (DataLoader, forward, L1 + KL, AdamW step)
 on the same AutoencoderKL, volumes and batch size, in one run. Target ratio >= 0.95.
 
@@ -29,11 +29,11 @@ from monai.data import DataLoader
 from snakemake.utils import validate
 from torch.utils.data import TensorDataset
 
-from medldm import autoencoder as ae
-from medldm.data import PreparedSet
+from medldm.autoencoder import networks as ae
+from medldm.autoencoder.training import VAETrainer
+from medldm.data.cohort import PreparedSet
 from medldm.io import write_json
 from medldm.runtime import memory_format
-from medldm.vae_training import VAETrainer
 
 REPO = Path(__file__).resolve().parent.parent
 

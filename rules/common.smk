@@ -15,11 +15,11 @@ from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
-from medldm.demo import demo_subjects
+from medldm.data.demo import demo_subjects
 from medldm.errors import InputError
-from medldm.prepare import intensity_model
+from medldm.data.prepare import intensity_model
 from medldm.resources import gpus_requested
-from medldm.samplesheet import check_samples, read_table, resolve_splits
+from medldm.data.samplesheet import check_samples, read_table, resolve_splits
 
 
 def jobs_python():

@@ -23,7 +23,7 @@ def random_torch_home() -> Path:
     """A TORCH_HOME whose hub cache holds a random FID Inception: the workflow's FID steps run
     pytorch-fid's real loading code offline, without touching the user's cache (numbers are not
     real FIDs)."""
-    from medldm.fid_weights import WEIGHTS_FILE, save_random_weights
+    from medldm.evaluation.fid_weights import WEIGHTS_FILE, save_random_weights
 
     home = Path(tempfile.mkdtemp(prefix="medldm-torch-home-"))
     atexit.register(shutil.rmtree, home, True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from snakemake.utils import validate
 
-from medldm.h5layout import Header, create_latents
+from medldm.data.h5layout import Header, create_latents
 from medldm.provenance import sha256_file
 
 SCHEMA = Path(__file__).resolve().parent.parent / "config" / "schemas" / "config.schema.yaml"

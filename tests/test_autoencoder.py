@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medldm import autoencoder as ae
-from medldm import h5layout
+from medldm.autoencoder import networks as ae
+from medldm.autoencoder.training import VAETrainer, evaluate_reconstruction
+from medldm.data import h5layout
 from medldm.errors import InputError
-from medldm.vae_training import VAETrainer, evaluate_reconstruction
 from tests.vae_toys import AFFINE, LABELS, single_thread, toy_set, vae_settings, write_prepared  # noqa: F401
 from workflow_scripts import decode, export_latents, train_vae
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from medldm.classifier import (
+from medldm.errors import InputError
+from medldm.evaluation.classifier import (
     Dataset,
     balanced_batches,
     gradcam,
@@ -15,7 +16,6 @@ from medldm.classifier import (
     run_arms,
     scores,
 )
-from medldm.errors import InputError
 
 CPU = torch.device("cpu")
 SETTINGS = {"network": "densenet", "init_features": 8, "growth_rate": 4, "block_config": [2, 2], "bn_size": 2,
@@ -91,7 +91,7 @@ def two_class_predictions(n: int = 40, seed: int = 0) -> tuple[np.ndarray, dict[
 
 def test_paired_difference_of_identical_arms_is_exactly_zero(monkeypatch):
     labels, proba = two_class_predictions()
-    monkeypatch.setattr("medldm.classifier.DIFFERENCES", (("synthetic", "real"),))
+    monkeypatch.setattr("medldm.evaluation.classifier.DIFFERENCES", (("synthetic", "real"),))
     out = paired_differences(labels, {"real": proba["random"], "synthetic": proba["random"].copy()}, n_boot=200)
     assert list(out) == ["synthetic - real"]
     for metric in ("accuracy", "balanced_accuracy", "roc_auc"):

@@ -9,11 +9,11 @@ import csv
 import pytest
 import torch
 
+from medldm.autoencoder.training import VAETrainer
 from medldm.checkpoint import Checkpoints, load_torch, save_torch
+from medldm.diffusion.training import Trainer, run_key
 from medldm.errors import InputError
-from medldm.ldm_training import Trainer, run_key
 from medldm.resources import gpus_requested
-from medldm.vae_training import VAETrainer
 from tests.ldm_toys import ldm_settings, make_latents, make_vae_file, one_thread  # noqa: F401
 from tests.vae_toys import LABELS, toy_set, vae_settings
 from workflow_scripts import train_vae

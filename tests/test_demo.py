@@ -7,7 +7,7 @@ import sys
 import nibabel as nib
 import numpy as np
 
-from medldm.demo import LESION_CENTRE_MM, demo_subjects
+from medldm.data.demo import LESION_CENTRE_MM, demo_subjects
 from tests.conftest import REPO
 
 

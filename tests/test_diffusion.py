@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from medldm import diffusion
+from medldm.diffusion import process as diffusion
+from medldm.diffusion.backbones import build_diffusion_model, check_latent_shape
 from medldm.errors import InputError
-from medldm.models.factory import build_diffusion_model, check_latent_shape
 from tests.ldm_toys import SHAPE, TINY_UNET, one_thread  # noqa: F401 (fixture)
 
 MEANS = (-1.5, 1.5)  # class means of the toy latents

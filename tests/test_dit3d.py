@@ -7,7 +7,7 @@ import torch
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
-from medldm.models.dit3d import Attention, build_dit3d
+from medldm.diffusion.dit3d import Attention, build_dit3d
 
 TINY = {"hidden_size": 32, "depth": 2, "num_heads": 4}
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medldm.diversity import (
+from medldm.errors import InputError
+from medldm.evaluation.diversity import (
     MS_SSIM_WEIGHTS,
     fit_msssim,
     pairwise_msssim,
@@ -13,7 +14,6 @@ from medldm.diversity import (
     sample_pairs,
     summary,
 )
-from medldm.errors import InputError
 
 
 def volumes(n: int, shape=(40, 48, 40), seed: int = 0) -> list[np.ndarray]:

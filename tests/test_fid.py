@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from medldm import fid_weights
 from medldm.errors import InputError
-from medldm.fid import (
+from medldm.evaluation import fid_weights
+from medldm.evaluation.fid import (
     AXES,
     SliceFeatures,
     SliceSpec,
@@ -30,7 +30,7 @@ from medldm.fid import (
     statistics,
     volume_slices,
 )
-from medldm.fid_weights import (
+from medldm.evaluation.fid_weights import (
     CONVERTED,
     WEIGHTS_FILE,
     load_inception,

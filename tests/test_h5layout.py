@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from medldm import h5layout
-from medldm.autoencoder import LatentStats
+from medldm.autoencoder.networks import LatentStats
+from medldm.data import h5layout
 from medldm.errors import InputError
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])

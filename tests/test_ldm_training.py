@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from medldm import diffusion
 from medldm.checkpoint import load_torch
+from medldm.data.h5layout import open_latents
+from medldm.diffusion import process as diffusion
+from medldm.diffusion.training import Trainer, batch_weights
 from medldm.errors import EXIT_INTERRUPTED, InputError
-from medldm.h5layout import open_latents
-from medldm.ldm_training import Trainer, batch_weights
 from medldm.provenance import sha256_file
 from medldm.runtime import cosine_lr
 from tests.conftest import REPO, snakemake_env

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from medldm import autoencoder as ae
-from medldm.diversity import reconstruction_metrics
+from medldm.autoencoder import networks as ae
+from medldm.autoencoder.training import evaluate_reconstruction
 from medldm.errors import InputError
+from medldm.evaluation.diversity import reconstruction_metrics
 from medldm.provenance import check_autoencoder, sha256_file
 from medldm.settings import name_list
-from medldm.vae_training import evaluate_reconstruction
 from tests.vae_toys import LABELS, single_thread, toy_set, vae_settings  # noqa: F401 (fixture)
 
 CPU = torch.device("cpu")

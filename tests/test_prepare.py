@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medldm.data.prepare import prepare_subject
 from medldm.errors import InputError
 from medldm.io import save_nifti
-from medldm.prepare import prepare_subject
 from tests.conftest import REPO
 
 SETTINGS = dict(spacing=[2, 2, 2], shape=[24, 28, 20], percentiles=[0.5, 99.5], foreground_threshold=0.1)

@@ -5,8 +5,8 @@ import logging
 import numpy as np
 import pytest
 
+from medldm.data.prepare import intensity_model, prepare_subject
 from medldm.errors import InputError
-from medldm.prepare import intensity_model, prepare_subject
 from tests.test_prepare import write_pair
 
 TISSUES = {"air": -1000.0, "lung": -850.0, "fibrosis": -300.0, "soft": 40.0, "bone": 700.0}
@@ -59,7 +59,7 @@ def test_ct_window_keeps_five_tissues_ordered_and_apart(tmp_path):
 
 def test_mri_model_on_ct_warns_and_merges_tissues(tmp_path, caplog):
     paths = write_pair(tmp_path, "ct", *hu_phantom())
-    with caplog.at_level(logging.WARNING, logger="medldm.prepare"):
+    with caplog.at_level(logging.WARNING, logger="medldm.data.prepare"):
         prepared = prepare_subject(*paths, **SETTINGS, label_values=[0, 1, 2, 3, 4])
     assert "look like CT" in caplog.text and str(paths[0]) in caplog.text
     air, lung, fibrosis, _, _ = tissue_medians(prepared)

@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medldm import h5layout
-from medldm.fid_weights import WEIGHTS_FILE, save_random_weights
+from medldm.data import h5layout
+from medldm.data.samplesheet import MANIFEST_COLUMNS
+from medldm.evaluation.fid_weights import WEIGHTS_FILE, save_random_weights
 from medldm.io import save_nifti
-from medldm.report import Section, render, table
-from medldm.samplesheet import MANIFEST_COLUMNS
+from medldm.report.page import Section, render, table
 from workflow_scripts import (
     evaluate_classifier,
     evaluate_reconstruction,

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from medldm.data.samplesheet import SPLITS, assign_splits, check_samples, read_table, resolve_splits
 from medldm.errors import InputError
-from medldm.samplesheet import SPLITS, assign_splits, check_samples, read_table, resolve_splits
 from workflow_scripts import make_manifest
 
 CLASSES = ["HC", "TLE"]

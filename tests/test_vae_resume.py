@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from medldm import autoencoder as ae
+from medldm.autoencoder import networks as ae
+from medldm.autoencoder.training import VAETrainer
 from medldm.checkpoint import Checkpoints, claim_run_dir
 from medldm.errors import EXIT_INTERRUPTED, InputError
-from medldm.vae_training import VAETrainer
 from tests.conftest import REPO
 from tests.vae_toys import LABELS, single_thread, toy_set, vae_settings, write_prepared  # noqa: F401
 from workflow_scripts import train_vae

@@ -10,7 +10,7 @@ import pytest
 import torch
 from snakemake.utils import validate
 
-from medldm.data import PreparedSet
+from medldm.data.cohort import PreparedSet
 from medldm.io import save_nifti
 
 SCHEMA = Path(__file__).resolve().parent.parent / "config" / "schemas" / "config.schema.yaml"

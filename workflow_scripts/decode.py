@@ -17,8 +17,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from medldm import autoencoder as ae
-from medldm import h5layout
+from medldm.autoencoder import networks as ae
+from medldm.data import h5layout
 from medldm.errors import InputError, run_cli
 from medldm.io import save_nifti
 from medldm.provenance import check_autoencoder

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from medldm.demo import write_cohort
+from medldm.data.demo import write_cohort
 from medldm.errors import run_cli
 
 

@@ -17,13 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from medldm import h5layout
-from medldm.classifier import ARMS, METRICS, Dataset, gradcam, paired_differences, run_arms
-from medldm.data import load_prepared
+from medldm.data import h5layout
+from medldm.data.cohort import load_prepared
 from medldm.errors import InputError, run_cli
+from medldm.evaluation.classifier import (
+    ARMS,
+    METRICS,
+    Dataset,
+    gradcam,
+    paired_differences,
+    run_arms,
+)
 from medldm.io import atomic_path, write_json
-from medldm.montage import save_montage
 from medldm.provenance import provenance
+from medldm.report.montage import save_montage
 from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings, name_list
 

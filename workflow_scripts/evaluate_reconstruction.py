@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medldm import diversity, h5layout
-from medldm.data import load_prepared
+from medldm.data import h5layout
+from medldm.data.cohort import load_prepared
 from medldm.errors import InputError, run_cli
+from medldm.evaluation import diversity
 from medldm.io import write_json
 from medldm.provenance import provenance
 from medldm.runtime import setup_logging

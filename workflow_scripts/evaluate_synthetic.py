@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medldm import diversity, h5layout
-from medldm.data import load_prepared
+from medldm.data import h5layout
+from medldm.data.cohort import load_prepared
 from medldm.errors import InputError, run_cli
-from medldm.fid import SliceFeatures, SliceSpec, compare, slice_features
-from medldm.fid_weights import load_inception, read_record
+from medldm.evaluation import diversity
+from medldm.evaluation.fid import SliceFeatures, SliceSpec, compare, slice_features
+from medldm.evaluation.fid_weights import load_inception, read_record
 from medldm.io import atomic_path, write_json
 from medldm.provenance import provenance
 from medldm.runtime import pick_device, setup_logging

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medldm import autoencoder as ae
-from medldm import h5layout
-from medldm.data import load_prepared
+from medldm.autoencoder import networks as ae
+from medldm.data import h5layout
+from medldm.data.cohort import load_prepared
 from medldm.errors import InputError, run_cli
 from medldm.provenance import sha256_file
 from medldm.runtime import pick_device, setup_logging

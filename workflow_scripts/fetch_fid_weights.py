@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from medldm.errors import run_cli
-from medldm.fid_weights import provision_weights
+from medldm.evaluation.fid_weights import provision_weights
 from medldm.io import write_json
 from medldm.runtime import setup_logging
 from medldm.settings import load_settings

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from medldm import h5layout
-from medldm.data import load_prepared
+from medldm.data import h5layout
+from medldm.data.cohort import load_prepared
 from medldm.errors import InputError, run_cli
-from medldm.fid import SliceSpec, slice_features
-from medldm.fid_weights import load_inception, read_record
+from medldm.evaluation.fid import SliceSpec, slice_features
+from medldm.evaluation.fid_weights import load_inception, read_record
 from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings, name_list
 

@@ -11,15 +11,15 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from medldm.errors import run_cli
-from medldm.io import atomic_path
-from medldm.samplesheet import (
+from medldm.data.samplesheet import (
     MANIFEST_COLUMNS,
     SPLITS_COLUMNS,
     check_samples,
     read_table,
     resolve_splits,
 )
+from medldm.errors import run_cli
+from medldm.io import atomic_path
 from medldm.settings import load_settings, name_list
 
 
@@ -44,7 +44,7 @@ def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list
 
 def write_montage(manifest, path: Path, per_class: int = 3) -> None:
     """Mid-slices (three axes) of a few prepared subjects per class."""
-    from medldm.montage import save_montage
+    from medldm.report.montage import save_montage
 
     volumes, titles = [], []
     for cls, group in manifest.groupby("class", sort=True):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from medldm.data.prepare import prepare_subject
 from medldm.errors import run_cli
 from medldm.io import save_nifti, write_json
-from medldm.prepare import prepare_subject
 from medldm.settings import load_settings
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from medldm.errors import run_cli
 from medldm.io import write_text
-from medldm.report import build_report
+from medldm.report.page import build_report
 from medldm.runtime import setup_logging
 from medldm.settings import load_settings
 
@@ -20,7 +20,7 @@ log = logging.getLogger("report")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--inputs", required=True,
-                        help="JSON: manifest, fid_weights, vae/ldm/sample_sets entries (see medldm.report.build_report)")
+                        help="JSON: manifest, fid_weights, vae/ldm/sample_sets entries (see medldm.report.page.build_report)")
     parser.add_argument("--config", required=True, help="the whole workflow config (JSON or YAML file), shown in the page")
     parser.add_argument("--montage-volumes", type=int, default=4, help="volumes per class in each montage")
     parser.add_argument("--out", required=True, type=Path, help="index.html to write")

@@ -11,7 +11,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from medldm import diffusion, h5layout
+from medldm.data import h5layout
+from medldm.diffusion import process as diffusion
 from medldm.errors import run_cli
 from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings, require

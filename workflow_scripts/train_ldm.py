@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from medldm.checkpoint import StopFlag
+from medldm.diffusion.training import Trainer
 from medldm.errors import run_cli
-from medldm.ldm_training import Trainer
 from medldm.runtime import setup_logging, training_device
 from medldm.settings import load_settings, with_cadence
 

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from medldm import autoencoder as ae
+from medldm.autoencoder import networks as ae
+from medldm.autoencoder.training import VAETrainer
 from medldm.checkpoint import StopFlag, claim_run_dir
-from medldm.data import load_prepared
+from medldm.data.cohort import load_prepared
 from medldm.errors import EXIT_INTERRUPTED, run_cli
 from medldm.io import atomic_path
 from medldm.provenance import config_hash, provenance, sha256_file
 from medldm.runtime import init_distributed, is_main_process, setup_logging, training_device
 from medldm.settings import load_settings, name_list, with_cadence
-from medldm.vae_training import VAETrainer
 
 log = logging.getLogger("train_vae")
 # Settings that may change without invalidating a run's checkpoints (more epochs resume it).

@@ -251,7 +251,7 @@ def test_gpu_rules_were_allocated_a_gpu(chain):
 
 
 def test_outputs_complete_and_readable(chain):
-    from medldm.h5layout import open_volumes
+    from medldm.data.h5layout import open_volumes
 
     out = chain["workdir"] / TARGET
     with open_volumes(out) as volumes:

@@ -24,7 +24,7 @@ if _reason:
     pytest.skip(_reason, allow_module_level=True)
 
 sys.path.insert(0, str(REPO))
-from medldm.ldm_training import Trainer  # noqa: E402
+from medldm.diffusion.training import Trainer  # noqa: E402
 from tests.ldm_toys import ldm_settings, make_latents, make_vae_file  # noqa: E402
 
 pytestmark = pytest.mark.slurm

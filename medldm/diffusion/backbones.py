@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
+from medldm.diffusion.dit3d import build_dit3d
 from medldm.errors import InputError
-from medldm.models.dit3d import build_dit3d
 
 UNET_DEFAULTS = {
     "channels": [32, 64],

@@ -33,8 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medldm.checkpoint import load_model_file, save_torch
+from medldm.diffusion.backbones import build_diffusion_model
 from medldm.errors import InputError
-from medldm.models.factory import build_diffusion_model
 from medldm.provenance import check_autoencoder
 from medldm.runtime import autocast
 

@@ -4,7 +4,7 @@
 central part of each axis (sagittal, coronal, axial) of real and synthetic volumes, empty slices
 dropped, each slice quantised to 8 bits (exactly what saving it as a PNG does, so our numbers equal
 ``python -m pytorch_fid`` on the same slices) and repeated to 3 channels; pytorch-fid's
-``InceptionV3`` (``medldm.fid_weights.load_inception``) resizes to 299 and maps [0, 1] to [-1, 1]
+``InceptionV3`` (``medldm.evaluation.fid_weights.load_inception``) resizes to 299 and maps [0, 1] to [-1, 1]
 itself. Features (N, dims) feed the Fréchet distance per axis and KID. A group with fewer than two
 non-empty slices (a generator that makes empty volumes) gets no FID but a ``flag`` saying why.
 """
@@ -25,7 +25,7 @@ from scipy import linalg
 
 from medldm.errors import InputError
 from medldm.io import atomic_path
-from medldm.montage import AXES
+from medldm.report.montage import AXES
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from medldm import autoencoder as ae
+from medldm.autoencoder import networks as ae
 from medldm.checkpoint import Checkpoints
-from medldm.data import PreparedSet
-from medldm.diversity import ssim_metric
+from medldm.data.cohort import PreparedSet
 from medldm.errors import InputError
-from medldm.montage import save_montage
+from medldm.evaluation.diversity import ssim_metric
+from medldm.report.montage import save_montage
 from medldm.runtime import (
     MetricsLog,
     autocast,

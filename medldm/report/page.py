@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medldm.io import atomic_path
-from medldm.montage import AXES
+from medldm.report.montage import AXES
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
@@ -202,7 +202,7 @@ def _load_json(path) -> dict | None:
 def _montages_per_class(section: Section, figures: Path, stem: str, images, class_index, names: list[str],
                         titles: list[str], per_class: int, what: str) -> None:
     """One montage (rows = volumes, columns = axes) per class, or one when there are no classes."""
-    from medldm.montage import save_montage
+    from medldm.report.montage import save_montage
 
     class_index = np.asarray(class_index)
     groups = [(n, np.flatnonzero(class_index == i)) for i, n in enumerate(names)] or [("all", np.arange(len(titles)))]
@@ -341,7 +341,7 @@ def _in_order(items: dict, order: list[str]) -> dict:
 
 
 def _classifier_section(results: dict[str, dict], figures: Path, saliency: dict[str, list[str]]) -> Section:
-    from medldm.classifier import ARMS, DIFFERENCES, METRICS
+    from medldm.evaluation.classifier import ARMS, DIFFERENCES, METRICS
 
     section = Section("Classifier: train on synthetic, test on real")
     section.text("One 3D classifier per arm (training set), same network, seed and number of steps; all tested "
@@ -375,7 +375,7 @@ def _classifier_section(results: dict[str, dict], figures: Path, saliency: dict[
 
 
 def _summary_section(sets: dict, metrics: dict, classifier: dict) -> Section:
-    from medldm.classifier import ARMS
+    from medldm.evaluation.classifier import ARMS
 
     section = Section("Summary")
     rows = []
@@ -410,7 +410,7 @@ def _summary_section(sets: dict, metrics: dict, classifier: dict) -> Section:
 
 
 def _data_section(prepared, sets: dict, classes: list[str], figures: Path, per_class: int) -> Section:
-    from medldm import h5layout
+    from medldm.data import h5layout
 
     section = Section("Data: real and synthetic volumes")
     counts: dict[str, dict] = {}
@@ -431,8 +431,8 @@ def _data_section(prepared, sets: dict, classes: list[str], figures: Path, per_c
 
 def _reconstruction_montage(section: Section, figures: Path, name: str, path, test) -> None:
     """Real test subjects next to their reconstructions by autoencoder ``name`` (up to three)."""
-    from medldm import h5layout
-    from medldm.montage import save_montage
+    from medldm.data import h5layout
+    from medldm.report.montage import save_montage
 
     with h5layout.open_volumes(path) as rec:
         row_of = {sid: i for i, sid in enumerate(rec.subject_ids)}
@@ -490,7 +490,7 @@ def build_report(inputs: dict, config: dict, figures: str | os.PathLike, montage
     (metrics JSON), reconstructions (volumes .h5)}}, "ldm": {name: {model, run_dir}}, "sample_sets":
     {name: {ldm, volumes, metrics, classifier (JSON or None), saliency (PNGs of its arms, maybe empty)}}}.
     """
-    from medldm.data import load_prepared
+    from medldm.data.cohort import load_prepared
 
     figures = Path(figures)
     figures.mkdir(parents=True, exist_ok=True)

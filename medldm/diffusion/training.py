@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from medldm import diffusion
 from medldm.checkpoint import Checkpoints, StopFlag, claim_run_dir
-from medldm.ema import EMA
+from medldm.data.h5layout import Header, open_latents
+from medldm.diffusion import process as diffusion
+from medldm.diffusion.backbones import build_diffusion_model, check_latent_shape
+from medldm.diffusion.ema import EMA
 from medldm.errors import EXIT_INTERRUPTED, InputError
-from medldm.h5layout import Header, open_latents
-from medldm.models.factory import build_diffusion_model, check_latent_shape
 from medldm.provenance import check_autoencoder, code_version, config_hash, sha256_file
 from medldm.runtime import (
     MetricsLog,
@@ -62,7 +62,7 @@ class LatentSet:
 
 
 def load_latent_set(path: str | os.PathLike, splits, posterior: bool = False) -> LatentSet:
-    """Read the rows of ``splits`` from a latents HDF5 file (via ``medldm.h5layout``)."""
+    """Read the rows of ``splits`` from a latents HDF5 file (via ``medldm.data.h5layout``)."""
     with open_latents(path) as f:
         idx = np.sort(np.concatenate([f.indices(s) for s in splits]))
         if len(idx) == 0:

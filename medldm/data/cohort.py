@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from medldm.data.samplesheet import read_manifest
 from medldm.errors import InputError
-from medldm.samplesheet import read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The autoencoder stage: networks, losses, encode/decode, training."""

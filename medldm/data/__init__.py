@@ -1,0 +1,1 @@
+"""Data: the sample sheet, preparation, the demo cohort, prepared sets and the HDF5 layout."""

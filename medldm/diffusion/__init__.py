@@ -1,0 +1,1 @@
+"""The latent diffusion stage: processes, backbones, EMA, training and sampling."""

@@ -1,0 +1,1 @@
+"""Evaluation: FID/KID, MS-SSIM and reconstruction metrics, train-on-synthetic classifier."""

@@ -1,1 +1,0 @@
-"""Diffusion backbones that MONAI does not provide."""
