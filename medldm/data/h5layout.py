@@ -11,6 +11,10 @@ Two kinds of file, each stamped with ``kind`` and ``format_version`` attributes 
     affine        (N, 4, 4) float64         voxel -> world of the row's volume: a real subject's own
                                             prepared affine; ``grid_affine`` for generated rows
     label         (N, X, Y, Z) uint8        prepared label maps (optional)
+    mask          (N, X, Y, Z) uint8        prepared inpainting masks, 1 = region to fill (optional)
+    voided_mu     (N, C, d, h, w) float32   posterior mean of the voided image (mask voxels set to
+                                            0 before encoding); present when the rows have masks
+                                            (export_latents), absent in sample sets
     channel_mean  (C,) float32              mean of ``mu`` over all latent voxels of the train split
     channel_std   (C,) float32              std of ``mu`` over the same voxels
     attrs: scale_factor (1 / overall std of train ``mu``), grid_affine (4x4) and grid_shape (3,)
@@ -23,6 +27,7 @@ Two kinds of file, each stamped with ``kind`` and ``format_version`` attributes 
 ``volumes`` (``decode`` writes it; evaluation reads it)
     image         (N, X, Y, Z) float32      intensities in [0, 1] on the prepared grid
     label         (N, X, Y, Z) uint8        label maps (optional)
+    mask          (N, X, Y, Z) uint8        inpainting masks of inpainted rows (optional)
     subject_id, class_index, split, affine  as above
     attrs: grid_affine, grid_shape, class_names, label_names, settings.
 
@@ -156,11 +161,13 @@ def create_latents(
     *,
     with_logvar: bool = True,
     label_shape: Sequence[int] | None = None,
+    mask_shape: Sequence[int] | None = None,
+    with_voided: bool = False,
 ) -> Iterator[_Writer]:
     """Create a latents file for ``n`` samples of ``latent_shape`` (C, d, h, w), atomically.
 
     Append every sample with ``writer.append(subject_id, class_index, split, affine=..., mu=...,
-    logvar=..., label=...)``; the file only appears at ``path`` if the block completes with all ``n`` written.
+    logvar=..., label=..., mask=..., voided_mu=...)``; the file only appears at ``path`` if the block completes with all ``n`` written.
     """
     with _create(path, LATENTS, n, header) as (h5, writer):
         _create_array(h5, "mu", n, latent_shape, np.float32)
@@ -168,6 +175,10 @@ def create_latents(
             _create_array(h5, "logvar", n, latent_shape, np.float32)
         if label_shape is not None:
             _create_array(h5, "label", n, label_shape, np.uint8)
+        if mask_shape is not None:
+            _create_array(h5, "mask", n, mask_shape, np.uint8)
+        if with_voided:
+            _create_array(h5, "voided_mu", n, latent_shape, np.float32)
         h5.create_dataset("channel_mean", data=np.zeros(latent_shape[0], np.float32))
         h5.create_dataset("channel_std", data=np.ones(latent_shape[0], np.float32))
         yield writer
@@ -175,20 +186,22 @@ def create_latents(
 
 @contextmanager
 def create_volumes(
-    path: str | os.PathLike, n: int, header: Header, *, with_labels: bool = False
+    path: str | os.PathLike, n: int, header: Header, *, with_labels: bool = False, with_masks: bool = False
 ) -> Iterator[_Writer]:
     """Create a volumes file for ``n`` images on ``header.grid_shape``, atomically."""
     with _create(path, VOLUMES, n, header) as (h5, writer):
         _create_array(h5, "image", n, header.grid_shape, np.float32)
         if with_labels:
             _create_array(h5, "label", n, header.grid_shape, np.uint8)
+        if with_masks:
+            _create_array(h5, "mask", n, header.grid_shape, np.uint8)
         yield writer
 
 
 class H5File:
     """A checked, read-only view of a medldm HDF5 file; arrays are read lazily by index.
 
-    ``f.mu[i]``, ``f.image[a:b]``, ``f.label`` (None when absent), ``f.subject_ids``,
+    ``f.mu[i]``, ``f.image[a:b]``, ``f.label``, ``f.mask``, ``f.voided_mu`` (None when absent), ``f.subject_ids``,
     ``f.class_index``, ``f.splits``, ``f.affines`` (N, 4, 4), ``f.header``. Use as a context manager or call ``close()``.
     """
 
@@ -240,18 +253,19 @@ class H5File:
             raise InputError(f"{where}: missing {', '.join(missing)}; the file is incomplete or not from medldm")
         n = self.h5["subject_id"].shape[0]
         main = "mu" if kind == LATENTS else "image"
-        for name in (main, "logvar", "label", "class_index", "split", "affine"):
+        for name in (main, "logvar", "label", "mask", "voided_mu", "class_index", "split", "affine"):
             if name in self.h5 and self.h5[name].shape[0] != n:
                 raise InputError(f"{where}: dataset {name} has {self.h5[name].shape[0]} rows, expected {n}")
         if self.h5["affine"].shape[1:] != (4, 4):
             raise InputError(f"{where}: dataset affine has shape {self.h5['affine'].shape}, expected ({n}, 4, 4)")
-        if "logvar" in self.h5 and self.h5["logvar"].shape != self.h5["mu"].shape:
-            raise InputError(f"{where}: logvar shape {self.h5['logvar'].shape} != mu shape {self.h5['mu'].shape}")
+        for name in ("logvar", "voided_mu"):
+            if name in self.h5 and self.h5[name].shape != self.h5["mu"].shape:
+                raise InputError(f"{where}: {name} shape {self.h5[name].shape} != mu shape {self.h5['mu'].shape}")
         if kind == VOLUMES and tuple(self.h5["image"].shape[1:]) != tuple(attrs["grid_shape"]):
             raise InputError(f"{where}: image shape {self.h5['image'].shape[1:]} != grid_shape {tuple(attrs['grid_shape'])}")
 
     def __getattr__(self, name: str):
-        if name in ("mu", "logvar", "label", "image", "channel_mean", "channel_std"):
+        if name in ("mu", "logvar", "label", "mask", "voided_mu", "image", "channel_mean", "channel_std"):
             return self.h5[name] if name in self.h5 else None
         raise AttributeError(name)
 
