@@ -11,6 +11,8 @@ Two kinds of file, each stamped with ``kind`` and ``format_version`` attributes 
     affine        (N, 4, 4) float64         voxel -> world of the row's volume: a real subject's own
                                             prepared affine; ``grid_affine`` for generated rows
     label         (N, X, Y, Z) uint8        prepared label maps (optional)
+    source_id     (N,) str                  the real row a generated row was made from (inpainted or
+                                            conditioned sets; optional)
     mask          (N, X, Y, Z) uint8        prepared inpainting masks, 1 = region to fill (optional)
     voided_mu     (N, C, d, h, w) float32   posterior mean of the voided image (mask voxels set to
                                             0 before encoding); present when the rows have masks
@@ -28,11 +30,11 @@ Two kinds of file, each stamped with ``kind`` and ``format_version`` attributes 
     image         (N, X, Y, Z) float32      intensities in [0, 1] on the prepared grid
     label         (N, X, Y, Z) uint8        label maps (optional)
     mask          (N, X, Y, Z) uint8        inpainting masks of inpainted rows (optional)
-    subject_id, class_index, split, affine  as above
+    subject_id, class_index, split, affine, source_id (optional)  as above
     attrs: grid_affine, grid_shape, class_names, label_names, settings.
 
 Latents are stored unscaled: a consumer multiplies by ``scale_factor`` before diffusion and
-divides by it after sampling, exactly once (see ``medldm.latents``).
+divides by it after sampling, exactly once (see ``medldm.diffusion.process``).
 Datasets are chunked one sample per chunk and uncompressed (float latents do not compress,
 and gzip makes random reads ~10x slower).
 """
@@ -88,7 +90,7 @@ class _Writer:
         self.h5, self.n, self.count, self.grid_affine = h5, n, 0, grid_affine
 
     def append(self, subject_id: str, class_index: int, split: str, *, affine: np.ndarray | None = None,
-               **arrays: np.ndarray) -> None:
+               source_id: str | None = None, **arrays: np.ndarray) -> None:
         """Write one sample; ``arrays`` are mu/logvar/label (latents) or image/label (volumes).
 
         ``affine``: the volume's own voxel -> world affine (a real subject's prepared affine);
@@ -104,6 +106,8 @@ class _Writer:
                 raise KeyError(f"dataset {name!r} was not created for this file")
             self.h5[name][i] = np.asarray(value)
         self.h5["subject_id"][i] = subject_id
+        if source_id is not None:
+            self.h5["source_id"][i] = source_id
         self.h5["class_index"][i] = class_index
         self.h5["split"][i] = split
         self.h5["affine"][i] = self.grid_affine if affine is None else np.asarray(affine, dtype=np.float64)
@@ -163,6 +167,7 @@ def create_latents(
     label_shape: Sequence[int] | None = None,
     mask_shape: Sequence[int] | None = None,
     with_voided: bool = False,
+    with_source: bool = False,
 ) -> Iterator[_Writer]:
     """Create a latents file for ``n`` samples of ``latent_shape`` (C, d, h, w), atomically.
 
@@ -179,6 +184,8 @@ def create_latents(
             _create_array(h5, "mask", n, mask_shape, np.uint8)
         if with_voided:
             _create_array(h5, "voided_mu", n, latent_shape, np.float32)
+        if with_source:
+            h5.create_dataset("source_id", (n,), dtype=_STR)
         h5.create_dataset("channel_mean", data=np.zeros(latent_shape[0], np.float32))
         h5.create_dataset("channel_std", data=np.ones(latent_shape[0], np.float32))
         yield writer
@@ -186,7 +193,8 @@ def create_latents(
 
 @contextmanager
 def create_volumes(
-    path: str | os.PathLike, n: int, header: Header, *, with_labels: bool = False, with_masks: bool = False
+    path: str | os.PathLike, n: int, header: Header, *, with_labels: bool = False, with_masks: bool = False,
+    with_source: bool = False,
 ) -> Iterator[_Writer]:
     """Create a volumes file for ``n`` images on ``header.grid_shape``, atomically."""
     with _create(path, VOLUMES, n, header) as (h5, writer):
@@ -195,13 +203,15 @@ def create_volumes(
             _create_array(h5, "label", n, header.grid_shape, np.uint8)
         if with_masks:
             _create_array(h5, "mask", n, header.grid_shape, np.uint8)
+        if with_source:
+            h5.create_dataset("source_id", (n,), dtype=_STR)
         yield writer
 
 
 class H5File:
     """A checked, read-only view of a medldm HDF5 file; arrays are read lazily by index.
 
-    ``f.mu[i]``, ``f.image[a:b]``, ``f.label``, ``f.mask``, ``f.voided_mu`` (None when absent), ``f.subject_ids``,
+    ``f.mu[i]``, ``f.image[a:b]``, ``f.label``, ``f.mask``, ``f.voided_mu`` (None when absent), ``f.subject_ids``, ``f.source_ids`` (None when absent),
     ``f.class_index``, ``f.splits``, ``f.affines`` (N, 4, 4), ``f.header``. Use as a context manager or call ``close()``.
     """
 
@@ -232,6 +242,8 @@ class H5File:
         self.class_index = self.h5["class_index"][:]
         self.splits = [s.decode() if isinstance(s, bytes) else s for s in self.h5["split"][:]]
         self.affines = self.h5["affine"][:]
+        self.source_ids = ([s.decode() if isinstance(s, bytes) else s for s in self.h5["source_id"][:]]
+                           if "source_id" in self.h5 else None)
 
     def _check(self, kind: str) -> None:
         attrs, where = self.h5.attrs, str(self.path)
@@ -253,7 +265,7 @@ class H5File:
             raise InputError(f"{where}: missing {', '.join(missing)}; the file is incomplete or not from medldm")
         n = self.h5["subject_id"].shape[0]
         main = "mu" if kind == LATENTS else "image"
-        for name in (main, "logvar", "label", "mask", "voided_mu", "class_index", "split", "affine"):
+        for name in (main, "logvar", "label", "mask", "voided_mu", "source_id", "class_index", "split", "affine"):
             if name in self.h5 and self.h5[name].shape[0] != n:
                 raise InputError(f"{where}: dataset {name} has {self.h5[name].shape[0]} rows, expected {n}")
         if self.h5["affine"].shape[1:] != (4, 4):
