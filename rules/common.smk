@@ -136,6 +136,7 @@ def load_samples():
 
 SAMPLES, HAS_LABELS = load_samples()
 SUBJECTS = SAMPLES["subject_id"].tolist()
+HAS_MASKS = bool((SAMPLES["mask"] != "").all())
 LABEL_VALUES = config.get("label_values") or list(range(len(config["labels"])))
 if len(LABEL_VALUES) != len(config["labels"]):
     raise WorkflowError(
@@ -150,7 +151,11 @@ wildcard_constraints:
 # Preparation
 def prepare_inputs(wildcards):
     row = SAMPLES.loc[wildcards.subject]
-    return {"image": row["image"], **({"label": row["label"]} if HAS_LABELS else {})}
+    return {
+        "image": row["image"],
+        **({"label": row["label"]} if HAS_LABELS else {}),
+        **({"mask": row["mask"]} if HAS_MASKS else {}),
+    }
 
 
 def prepare_outputs():
@@ -160,14 +165,20 @@ def prepare_outputs():
     }
     if HAS_LABELS:
         outputs["label"] = f"{PREPARED}/{{subject}}/label.nii.gz"
+    if HAS_MASKS:
+        outputs["mask"] = f"{PREPARED}/{{subject}}/mask.nii.gz"
     return outputs
 
 
 def label_args(wildcards, input, output):
-    if not HAS_LABELS:
-        return ""
-    values = ",".join(str(v) for v in LABEL_VALUES)
-    return f"--label {shlex.quote(input.label)} --out-label {shlex.quote(output.label)} --label-values {values}"
+    """--label/--mask arguments of prepare_subject (label maps and inpainting masks, when given)."""
+    args = ""
+    if HAS_LABELS:
+        values = ",".join(str(v) for v in LABEL_VALUES)
+        args = f"--label {shlex.quote(input.label)} --out-label {shlex.quote(output.label)} --label-values {values}"
+    if HAS_MASKS:
+        args += f" --mask {shlex.quote(input.mask)} --out-mask {shlex.quote(output.mask)}"
+    return args
 
 
 # Diffusion and sampling (rules/ldm.smk, rules/sample.smk)

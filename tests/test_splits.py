@@ -14,8 +14,10 @@ CLASSES = ["HC", "TLE"]
 
 
 def sheet_of(rows) -> pd.DataFrame:
-    """A checked sample sheet from (subject_id, class, group, split) tuples."""
-    table = pd.DataFrame(rows, columns=["subject_id", "class", "group", "split"]).assign(image="x.nii.gz")
+    """A checked sample sheet from (subject_id, class, group, split) tuples; the rows of a group share
+    one image (as several masks of one subject do)."""
+    table = pd.DataFrame(rows, columns=["subject_id", "class", "group", "split"])
+    table["image"] = [f"{group or subject}.nii.gz" for subject, _, group, _ in rows]
     return check_samples(table, CLASSES, "test sheet", check_files=False)
 
 
@@ -111,7 +113,7 @@ def write_infos(root, subjects):
 
 
 def write_sheet(path, subjects):
-    pd.DataFrame({"subject_id": subjects, "image": "x.nii.gz",
+    pd.DataFrame({"subject_id": subjects, "image": [f"{s}.nii.gz" for s in subjects],
                   "class": [CLASSES[i % 2] for i in range(len(subjects))]}).to_csv(path, sep="\t", index=False)
 
 

@@ -4,7 +4,8 @@
 Stores the posterior mu and logvar (unscaled), subject ids, class, split, label maps when
 present, each subject's own prepared affine, per-channel mean/std of mu over all latent voxels
 of the training split, the scale factor 1/std (all channels together), the prepared grid and the
-sha256 of vae.pt.
+sha256 of vae.pt. With inpainting masks in the manifest: the prepared masks and ``voided_mu``,
+the posterior mean of each image with its mask region set to 0.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ from medldm.errors import InputError, run_cli
 from medldm.provenance import sha256_file
 from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings
+
+
+def voided_latents(net, data, labels, n_labels: int, device, batch_size: int) -> np.ndarray:
+    """Posterior means (N, C, d, h, w) of the images with their mask voxels set to 0 (paired label
+    maps too: label 0 there)."""
+    images = data.images * (1 - data.masks[:, None].to(data.images.dtype))
+    labels = None if labels is None else labels * (1 - data.masks)
+    return np.concatenate([mu for _, mu, _ in ae.encode_set(net, images, labels, n_labels, device, batch_size)])
 
 
 def main(argv=None) -> int:
@@ -48,16 +57,22 @@ def main(argv=None) -> int:
         settings={"vae": vae["settings"], "prepare": vae["prepare"]}, vae_sha256=sha256_file(args.vae),
     )
     stats = ae.LatentStats(vae["latent_shape"][0])
+    masks = data.masks
     with h5layout.create_latents(args.out, len(data), vae["latent_shape"], header,
-                                 label_shape=None if data.labels is None else data.shape) as writer:
+                                 label_shape=None if data.labels is None else data.shape,
+                                 mask_shape=None if masks is None else data.shape,
+                                 with_voided=masks is not None) as writer:
         labels = data.labels if paired else None
+        voided = None if masks is None else voided_latents(net, data, labels, len(vae["labels"]), device,
+                                                            inference["batch_size"])
         for start, mu, logvar in ae.encode_set(net, data.images, labels, len(vae["labels"]), device,
                                                inference["batch_size"]):
             for j in range(len(mu)):
                 i = start + j
                 label = None if data.labels is None else data.labels[i].numpy()
+                extra = {} if masks is None else {"mask": masks[i].numpy(), "voided_mu": voided[i]}
                 writer.append(data.subject_ids[i], int(data.class_index[i]), data.splits[i],
-                              affine=data.affines[i], mu=mu[j], logvar=logvar[j], label=label)
+                              affine=data.affines[i], mu=mu[j], logvar=logvar[j], label=label, **extra)
                 if data.splits[i] == "train":
                     stats.add(mu[j : j + 1])
         mean, std, scale = stats.result()

@@ -38,6 +38,7 @@ def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list
             "shape": "x".join(str(s) for s in info["shape"]),
             "spacing": "x".join(f"{s:g}" for s in info["spacing"]),
             "p_low": f"{info['p_low']:.6g}", "p_high": f"{info['p_high']:.6g}",
+            "mask": str(folder / "mask.nii.gz") if row["mask"] else "",
         })
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Prepare one subject: RAS, resampled, cropped/padded, intensity-normalised image (+ label map)."""
+"""Prepare one subject: RAS, resampled, cropped/padded, intensity-normalised image (+ label map,
++ inpainting mask, both nearest neighbour on the image's grid)."""
 
 from __future__ import annotations
 
@@ -21,21 +22,27 @@ def main(argv=None) -> int:
                         help="comma-separated original label values, in the order of the config's labels")
     parser.add_argument("--out-image", required=True)
     parser.add_argument("--out-label", default="", help="required when --label is given")
+    parser.add_argument("--mask", default="", help="input NIfTI inpainting mask, 1 = region to fill (optional)")
+    parser.add_argument("--out-mask", default="", help="required when --mask is given")
     parser.add_argument("--out-info", required=True, help="JSON with shape, spacing and percentiles")
     args = parser.parse_args(argv)
     settings = load_settings(args.settings)
     if args.label and not args.out_label:
         parser.error("--out-label is required with --label")
+    if args.mask and not args.out_mask:
+        parser.error("--out-mask is required with --mask")
     label_values = [int(v) for v in args.label_values.split(",") if v != ""]
     prepared = prepare_subject(
         args.image, args.label,
         spacing=settings["spacing"], shape=settings["shape"], percentiles=settings["percentiles"],
         foreground_threshold=settings["foreground_threshold"], label_values=label_values,
-        intensity=settings.get("intensity"),
+        intensity=settings.get("intensity"), mask_path=args.mask or None,
     )
     save_nifti(args.out_image, prepared.image, prepared.affine)
     if prepared.label is not None:
         save_nifti(args.out_label, prepared.label, prepared.affine)
+    if prepared.mask is not None:
+        save_nifti(args.out_mask, prepared.mask, prepared.affine)
     write_json(args.out_info, {
         "shape": list(prepared.image.shape),
         "spacing": [float(s) for s in settings["spacing"]],

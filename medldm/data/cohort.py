@@ -27,7 +27,8 @@ class PreparedSet:
 
     images ``(N, 1, X, Y, Z)`` float32 in [0, 1]; labels ``(N, X, Y, Z)`` uint8 or None;
     class_index ``(N,)`` int64 (-1 for no class); affines ``(N, 4, 4)``: each subject's prepared
-    affine (all share voxel axes and spacing; each keeps its own origin).
+    affine (all share voxel axes and spacing; each keeps its own origin); masks ``(N, X, Y, Z)``
+    uint8 inpainting masks (1 = region to fill) or None.
     """
 
     subject_ids: list[str]
@@ -36,6 +37,7 @@ class PreparedSet:
     images: torch.Tensor
     labels: torch.Tensor | None
     affines: np.ndarray
+    masks: torch.Tensor | None = None
 
     @property
     def affine(self) -> np.ndarray:
@@ -60,6 +62,7 @@ class PreparedSet:
             images=self.images[keep],
             labels=None if self.labels is None else self.labels[keep],
             affines=self.affines[keep],
+            masks=None if self.masks is None else self.masks[keep],
         )
 
     def subset(self, split: str) -> PreparedSet:
@@ -84,7 +87,8 @@ def class_indices(classes_in_manifest: list[str], classes: list[str], where: str
 def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bool = True) -> PreparedSet:
     """Load every subject of the manifest (paths in it are relative to the working directory).
 
-    Label maps are loaded when ``with_labels`` and the manifest has them. All volumes must share
+    Label maps are loaded when ``with_labels`` and the manifest has them, inpainting masks when
+    the manifest has them. All volumes must share
     one grid shape and voxel axes; each keeps its own origin (its real position) in ``affines``.
     """
     manifest_path = Path(manifest_path)
@@ -92,7 +96,8 @@ def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bo
     if table.empty:
         raise InputError(f"manifest {manifest_path} lists no subjects")
     with_labels = with_labels and bool((table["label"] != "").all())
-    images, labels, affines, affine, moved = [], [], [], None, 0
+    with_masks = bool((table["mask"] != "").all())
+    images, labels, masks, affines, affine, moved = [], [], [], [], None, 0
     for _, row in tqdm(table.iterrows(), total=len(table), desc="loading prepared data", unit="vol", disable=None):
         image, img_affine = _load(row["image"], np.float32, manifest_path)
         if affine is None:
@@ -111,6 +116,8 @@ def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bo
         affines.append(img_affine)
         if with_labels:
             labels.append(_load(row["label"], np.uint8, manifest_path)[0])
+        if with_masks:
+            masks.append(_load(row["mask"], np.uint8, manifest_path)[0])
     if moved:
         log.info("%d of %d subjects have their own origin (kept per subject); generated volumes use the first "
                  "subject's affine", moved, len(table))
@@ -121,4 +128,5 @@ def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bo
         images=torch.from_numpy(np.stack(images))[:, None],
         labels=torch.from_numpy(np.stack(labels)) if with_labels else None,
         affines=np.stack(affines).astype(np.float64),
+        masks=torch.from_numpy(np.stack(masks)) if with_masks else None,
     )

@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medldm.data.masks import check_mask_input, check_prepared_mask
 from medldm.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Prepared:
     affine: np.ndarray  # (4, 4) voxel -> world (RAS mm) of the prepared grid
     p_low: float  # input intensities mapped to 0 and 1 (percentiles, or the window)
     p_high: float
+    mask: np.ndarray | None = None  # (X, Y, Z) uint8 inpainting mask, 1 = region to fill
 
 
 @dataclass(frozen=True)
@@ -184,8 +186,10 @@ def warn_if_ct_like(data: np.ndarray, path) -> None:
 
 
 def prepare_subject(image_path, label_path, *, spacing, shape, percentiles, foreground_threshold,
-                    label_values: list[int] | None = None, intensity: dict | None = None) -> Prepared:
-    """The whole preparation of one subject (see the module docstring)."""
+                    label_values: list[int] | None = None, intensity: dict | None = None,
+                    mask_path=None) -> Prepared:
+    """The whole preparation of one subject (see the module docstring); an inpainting mask
+    (``mask_path``) goes through the label map's path: nearest neighbour, same crop."""
     model = intensity_model(intensity)
     img = load_nifti_3d(image_path, "image")
     data, affine = to_ras(img)
@@ -207,13 +211,16 @@ def prepare_subject(image_path, label_path, *, spacing, shape, percentiles, fore
         raise InputError(f"{image_path}: no foreground found {where}")
     centre = np.argwhere(mask).mean(axis=0)
     image, out_affine = crop_or_pad(image, new_affine, centre, shape)
+    mask, _ = crop_or_pad(mask, new_affine, centre, shape)
     if model.name == "mri":
-        mask, _ = crop_or_pad(mask, new_affine, centre, shape)
         image, lo, hi = normalise(image, mask, percentiles)
-    label = None
+    label = inpaint = None
     if label_path:
         label = _prepare_label(Path(label_path), img, spacing, new_affine, centre, shape, label_values)
-    return Prepared(image, label, out_affine, lo, hi)
+    if mask_path:
+        inpaint = _prepare_mask(Path(mask_path), img, spacing, new_affine, centre, shape)
+        check_prepared_mask(inpaint, mask, mask_path)
+    return Prepared(image, label, out_affine, lo, hi, inpaint)
 
 
 def _prepare_label(path: Path, img, spacing, image_affine, centre, shape, label_values) -> np.ndarray:
@@ -228,4 +235,14 @@ def _prepare_label(path: Path, img, spacing, image_affine, centre, shape, label_
     if not np.allclose(lab_affine, image_affine, atol=1e-3):
         raise InputError(f"{path}: label map resampled to a different grid than its image")
     out, _ = crop_or_pad(np.round(resampled).astype(np.uint8), lab_affine, centre, shape)
+    return out
+
+
+def _prepare_mask(path: Path, img, spacing, image_affine, centre, shape) -> np.ndarray:
+    """An inpainting mask checked against its image, then resampled (nearest) and cropped like it."""
+    raw = load_nifti_3d(path, "mask")
+    check_mask_input(np.asanyarray(raw.dataobj), raw.affine, img.shape, img.affine, path)
+    data, affine = to_ras(raw)
+    resampled, mask_affine = resample(np.asarray(data, np.float32), affine, spacing, order=0)
+    out, _ = crop_or_pad(np.round(resampled).astype(np.uint8), mask_affine, centre, shape)
     return out

@@ -1,8 +1,12 @@
 """The sample sheet (input) and the manifest (output of preparation): reading, checks, splits.
 
-The sample sheet is a TSV with ``subject_id``, ``image`` and optional ``label``, ``class``,
-``split`` and ``group``. Splits are per group (a participant; a row without a group is its own
-group), never per row, slice or file. See :func:`assign_splits` for how and how stably.
+The sample sheet is a TSV with ``subject_id``, ``image`` and optional ``label``, ``mask``,
+``class``, ``split`` and ``group``. Splits are per group (a participant; a row without a group is
+its own group), never per row, slice or file. See :func:`assign_splits` for how and how stably.
+
+Inpainting masks: one ``mask`` file per row (1 = region to fill; all rows or none). Several masks of
+one image are several rows (each its own ``subject_id``) with the same ``image`` and one ``group``,
+so that they always share a split; rows repeating an image without sharing a group are refused.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from medldm.errors import InputError
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ["subject_id", "group", "class", "split", "image", "label", "shape", "spacing", "p_low",
-                    "p_high"]
+                    "p_high", "mask"]
 SPLITS_COLUMNS = ["subject_id", "group", "class", "split"]  # splits.tsv, which `split.file` can pin
 
 
@@ -40,17 +44,19 @@ def check_samples(sheet: pd.DataFrame, classes: list[str], where: str, check_fil
         raise InputError(f"{where} lists no subjects (a header only, or every row commented out with '#'): "
                          "add one row per image")
     sheet = sheet.copy()
-    for column in ("label", "class", "split", "group"):
+    for column in ("label", "mask", "class", "split", "group"):
         if column not in sheet:
             sheet[column] = ""
     sheet["group"] = sheet["group"].where(sheet["group"] != "", sheet["subject_id"])
     duplicated = sheet["subject_id"][sheet["subject_id"].duplicated()].unique().tolist()
     if duplicated:
         raise InputError(f"{where}: duplicate subject_id {duplicated}; each subject must appear once")
-    has_label = sheet["label"] != ""
-    if has_label.any() and not has_label.all():
-        missing = sheet.loc[~has_label, "subject_id"].tolist()
-        raise InputError(f"{where}: label maps are given for some subjects but not for {missing}; give all or none")
+    for column, what in (("label", "label maps"), ("mask", "inpainting masks")):
+        given = sheet[column] != ""
+        if given.any() and not given.all():
+            missing = sheet.loc[~given, "subject_id"].tolist()
+            raise InputError(f"{where}: {what} are given for some subjects but not for {missing}; give all or none")
+    check_repeated_images(sheet, where)
     with_class = sheet["class"] != ""
     unknown = sorted(set(sheet.loc[with_class, "class"]) - set(classes))
     if unknown:
@@ -60,11 +66,22 @@ def check_samples(sheet: pd.DataFrame, classes: list[str], where: str, check_fil
         raise InputError(f"{where}: subjects {missing} have no class, but the config lists classes {classes}")
     if check_files:
         for _, row in sheet.iterrows():
-            for column in ("image", "label"):
+            for column in ("image", "label", "mask"):
                 if row[column] and not Path(row[column]).is_file():
                     raise InputError(f"{where}: row {row['subject_id']}: {column} file {row[column]} does not exist")
     group_table(sheet, where)
     return sheet
+
+
+def check_repeated_images(sheet: pd.DataFrame, where: str) -> None:
+    """Rows with the same image (e.g. several masks of one subject) must share a group, or the
+    splits, made per group, could put one image in training and in test."""
+    for image, rows in sheet.groupby("image", sort=True):
+        if len(rows) > 1 and rows["group"].nunique() > 1:
+            raise InputError(
+                f"{where}: rows {', '.join(rows['subject_id'])} share the image {image} (several masks of one subject?) "
+                "but not a group: give them the same `group` cell (the participant), so that they always land in one split"
+            )
 
 
 def group_table(sheet: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -162,6 +179,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     manifest = read_table(path, "manifest")
     if "group" not in manifest:  # manifests written before groups: each subject is its own group
         manifest.insert(1, "group", manifest.get("subject_id", ""))
+    if "mask" not in manifest:  # manifests written before inpainting masks
+        manifest["mask"] = ""
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest]
     if missing:
         raise InputError(f"manifest {path} lacks columns {missing}; re-run the prepare stage")
