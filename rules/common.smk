@@ -15,7 +15,7 @@ from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
-from medldm.data.demo import demo_subjects
+from medldm.data.demo import sheet_rows as demo_sheet_rows
 from medldm.errors import InputError
 from medldm.data.prepare import intensity_model
 from medldm.resources import gpus_requested
@@ -98,18 +98,10 @@ accept_renamed_resources(config["resources"])
 def load_samples():
     """The sample table: the demo cohort's, or the user's sheet validated against its schema."""
     if DEMO:
-        rows = [
-            {
-                "subject_id": s.subject_id,
-                "image": f"{RESULTS}/demo/images/{s.subject_id}.nii.gz",
-                "label": f"{RESULTS}/demo/labels/{s.subject_id}.nii.gz",
-                "class": s.cls,
-                "split": "",
-            }
-            for s in demo_subjects(
-                config["demo"]["n_subjects"], config["demo"]["lesion_class"]
-            )
-        ]
+        demo = config["demo"]
+        rows = demo_sheet_rows(
+            f"{RESULTS}/demo", demo["n_subjects"], demo["lesion_class"], demo["masks"]["per_subject"]
+        )
         sheet, check_files = pd.DataFrame(rows), False
     else:
         if not SAMPLE_SHEET:

@@ -4,8 +4,9 @@
 rule demo_cohort:
     output:
         sheet=f"{RESULTS}/demo/samples.tsv",
-        images=expand(f"{RESULTS}/demo/images/{{subject}}.nii.gz", subject=SUBJECTS),
-        labels=expand(f"{RESULTS}/demo/labels/{{subject}}.nii.gz", subject=SUBJECTS),
+        images=SAMPLES["image"].unique().tolist(),
+        labels=SAMPLES["label"].unique().tolist(),
+        masks=SAMPLES["mask"].tolist() if HAS_MASKS else [],
     log:
         f"{RESULTS}/logs/demo_cohort.log",
     conda:
@@ -16,7 +17,9 @@ rule demo_cohort:
         seed=config["demo"]["seed"],
         lesion=config["demo"]["lesion_class"],
         resolution=config["demo"]["resolution_mm"],
+        masks=config["demo"]["masks"]["per_subject"],
+        ellipsoids=config["demo"]["masks"]["ellipsoids"],
     shell:
         "python -m workflow_scripts.demo_cohort --out-dir {params.out_dir} --n-subjects {params.n}"
         " --seed {params.seed} --lesion-class {params.lesion} --resolution-mm {params.resolution}"
-        " > {log} 2>&1"
+        " --masks-per-subject {params.masks} --ellipsoids {params.ellipsoids} > {log} 2>&1"

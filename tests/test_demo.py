@@ -53,3 +53,36 @@ def test_geometry_labels_and_lesion(tmp_path):
     hc = [csf_near_lesion(s) for s in subjects if s.cls == "HC"]
     tle = [csf_near_lesion(s) for s in subjects if s.cls == "TLE"]
     assert min(tle) > max(hc) + 0.2
+
+
+def test_demo_masks_are_seeded_grouped_and_leave_the_images_alone(tmp_path):
+    from medldm.data.demo import write_cohort
+    from medldm.data.prepare import prepare_subject
+    from medldm.data.samplesheet import check_samples, read_table
+
+    plain = write_cohort(tmp_path / "plain", 2, seed=3, progress=False)
+    sheet_path = write_cohort(tmp_path / "masked", 2, seed=3, progress=False, masks_per_subject=2)
+    write_cohort(tmp_path / "again", 2, seed=3, progress=False, masks_per_subject=2)
+    names = [p.relative_to(tmp_path / "plain") for p in sorted((tmp_path / "plain").rglob("*.nii.gz"))]
+    assert digest([tmp_path / "plain" / n for n in names]) == digest([tmp_path / "masked" / n for n in names])
+    assert digest(sorted((tmp_path / "masked" / "masks").glob("*"))) == digest(sorted((tmp_path / "again" / "masks").glob("*")))
+    assert plain.read_text().splitlines()[0] == "subject_id\timage\tlabel\tclass"  # the default demo's sheet
+    sheet = check_samples(read_table(sheet_path, "sheet"), ["HC", "TLE"], "sheet")
+    assert sheet["subject_id"].tolist() == ["demo000-m0", "demo000-m1", "demo001-m0", "demo001-m1"]
+    assert sheet["group"].tolist() == ["demo000", "demo000", "demo001", "demo001"]
+    for subject, cls in (("demo000", "HC"), ("demo001", "TLE")):
+        rows = sheet[sheet["group"] == subject]
+        image, label = nib.load(rows["image"].iloc[0]), nib.load(rows["label"].iloc[0])
+        brain = np.asarray(label.dataobj) > 0
+        masks = [nib.load(path) for path in rows["mask"]]
+        for mask in masks:
+            data = np.asarray(mask.dataobj)
+            assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
+            assert set(np.unique(data)) == {0, 1} and not (data.astype(bool) & ~brain).any()
+            prepare_subject(rows["image"].iloc[0], None, spacing=[4, 4, 4], shape=[40, 48, 40],
+                            percentiles=[0.5, 99.5], foreground_threshold=0.1, mask_path=rows["mask"].iloc[0])
+        shared = np.logical_and(*[np.asarray(m.dataobj).astype(bool) for m in masks])
+        if cls == "TLE":  # every mask holds the atrophy region: tissue turned CSF
+            assert shared.sum() > 100 and np.mean(np.asarray(label.dataobj)[shared] == 1) > 0.9
+        else:
+            assert shared.sum() < 100

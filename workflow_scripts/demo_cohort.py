@@ -16,8 +16,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lesion-class", default="TLE", help="class carrying the mesial-temporal atrophy")
     parser.add_argument("--resolution-mm", type=int, choices=(1, 2), default=2, help="template resolution")
+    parser.add_argument("--masks-per-subject", type=int, default=0,
+                        help="inpainting masks per subject (0: none), each a sheet row grouped by subject")
+    parser.add_argument("--ellipsoids", type=int, default=3, help="random ellipsoids per mask")
     args = parser.parse_args(argv)
-    sheet = write_cohort(args.out_dir, args.n_subjects, args.seed, args.lesion_class, args.resolution_mm)
+    sheet = write_cohort(args.out_dir, args.n_subjects, args.seed, args.lesion_class, args.resolution_mm,
+                         masks_per_subject=args.masks_per_subject, ellipsoids=args.ellipsoids)
     print(f"wrote {args.n_subjects} subjects and {sheet}")
     return 0
 

@@ -8,16 +8,25 @@ Subjects of ``lesion_class`` carry left mesial-temporal atrophy: grey and white 
 ellipsoid around the left hippocampus turn into CSF, in the image and in the label map.
 Files are written in varied but valid geometry (RAS, LPS or LAS axes, anisotropic spacing,
 different matrix sizes) so that preparation is exercised. Same seed, same bytes.
+
+Inpainting masks (``masks_per_subject`` > 0, config ``demo.masks``): each mask is the union of
+``ellipsoids`` random ellipsoids inside the brain (radii 8-16 mm), plus the atrophy region for
+subjects of ``lesion_class``, drawn in template space from their own seeded stream (so the images
+do not change) and deformed with the subject. A subject with k masks is k sample-sheet rows
+``<subject>-m<j>`` sharing its image and its group (the subject id).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from medldm.data.masks import random_ellipsoids
 from medldm.io import save_nifti
 
 LABELS = ["background", "CSF", "GM", "WM"]
@@ -25,6 +34,7 @@ CLASSES = ["HC", "TLE"]
 # Left hippocampus / temporal horn centre in MNI millimetres, and the atrophy's radii (mm).
 LESION_CENTRE_MM = np.array([-27.0, -20.0, -14.0])
 LESION_RADII_MM = np.array([9.0, 17.0, 9.0])
+MASK_RADII_MM = (8.0, 16.0)  # radii of the demo's random inpainting ellipsoids
 # Output geometries: (axis codes, spacing in mm, field of view in mm).
 GEOMETRIES = [
     ("RAS", (2.0, 2.0, 2.0), (200, 236, 196)),
@@ -46,6 +56,33 @@ def demo_subjects(n_subjects: int, lesion_class: str = "TLE") -> list[DemoSubjec
     other = next(c for c in CLASSES if c != lesion_class) if lesion_class in CLASSES else "HC"
     classes = [other, lesion_class]
     return [DemoSubject(f"demo{i:03d}", classes[i % 2]) for i in range(n_subjects)]
+
+
+def sheet_rows(out_dir: str | Path, n_subjects: int, lesion_class: str = "TLE", masks_per_subject: int = 0) -> list[dict]:
+    """The demo's sample-sheet rows (files under ``out_dir``): one per subject, or one per mask
+    (``<subject>-m<j>``, grouped by subject) when ``masks_per_subject`` > 0."""
+    out_dir, rows = Path(out_dir), []
+    for subject in demo_subjects(n_subjects, lesion_class):
+        sid = subject.subject_id
+        row = {"subject_id": sid, "image": str(out_dir / "images" / f"{sid}.nii.gz"),
+               "label": str(out_dir / "labels" / f"{sid}.nii.gz"), "class": subject.cls}
+        if not masks_per_subject:
+            rows.append(row)
+        for j in range(masks_per_subject):
+            mask_id = f"{sid}-m{j}"
+            rows.append({**row, "subject_id": mask_id, "group": sid,
+                         "mask": str(out_dir / "masks" / f"{mask_id}.nii.gz")})
+    return rows
+
+
+def template_masks(original: Template, atrophied: Template, rng: np.random.Generator, n_masks: int,
+                   ellipsoids: int) -> list[np.ndarray]:
+    """``n_masks`` inpainting masks in template space: random ellipsoids in the brain, each with
+    the atrophy region (where ``atrophied`` turned tissue into CSF; empty for a healthy subject)."""
+    brain = original.labels > 0
+    lesion = (original.labels > 1) & (atrophied.labels == 1)
+    radii = tuple(r / float(np.abs(original.affine[0, 0])) for r in MASK_RADII_MM)
+    return [random_ellipsoids(brain, ellipsoids, rng, radii) | lesion for _ in range(n_masks)]
 
 
 @dataclass
@@ -122,9 +159,15 @@ def _smooth_field(rng: np.random.Generator, shape, coarse: int, amplitude: float
     return ndimage.zoom(noise, zoom, order=3, mode="nearest")[: shape[0], : shape[1], : shape[2]]
 
 
-def synthesize_subject(template: Template, subject_index: int, seed: int, is_lesion: bool):
-    """One subject: returns (image float32, labels uint8, affine) in its own output geometry."""
+def synthesize_subject(template: Template, subject_index: int, seed: int, is_lesion: bool,
+                       masks: Callable[[Template, Template], list[np.ndarray]] | None = None):
+    """One subject: returns (image float32, labels uint8, affine, masks) in its own output geometry.
+
+    ``masks(original, atrophied)`` gives template-space masks to deform with the subject (nearest);
+    the returned list is empty without it.
+    """
     rng = np.random.default_rng([seed, subject_index])
+    original = template
     if is_lesion:
         template = apply_atrophy(template, severity=rng.uniform(0.85, 1.15))
     codes, spacing, fov = GEOMETRIES[subject_index % len(GEOMETRIES)]
@@ -138,30 +181,39 @@ def synthesize_subject(template: Template, subject_index: int, seed: int, is_les
         coords[axis] += _smooth_field(rng, shape, 5, 1.2).reshape(-1)
     image = ndimage.map_coordinates(template.t1, coords, order=1, mode="constant").reshape(shape)
     labels = ndimage.map_coordinates(template.labels, coords, order=0, mode="constant").reshape(shape)
+    warped = [ndimage.map_coordinates(m, coords, order=0, mode="constant").reshape(shape).astype(np.uint8)
+              for m in (masks(original, template) if masks else [])]
     bias = np.exp(_smooth_field(rng, shape, 3, 0.12))
     image = image * bias + rng.normal(0.0, 0.02, shape)
     image = np.clip(image, 0, None) * rng.uniform(400, 1200)
-    return image.astype(np.float32), labels.astype(np.uint8), out_affine
+    return image.astype(np.float32), labels.astype(np.uint8), out_affine, warped
 
 
 def write_cohort(out_dir: str | Path, n_subjects: int, seed: int, lesion_class: str = "TLE",
-                 resolution_mm: int = 2, progress: bool = True) -> Path:
-    """Write every subject's image and label map plus ``samples.tsv``; returns the sheet's path."""
+                 resolution_mm: int = 2, progress: bool = True, masks_per_subject: int = 0,
+                 ellipsoids: int = 3) -> Path:
+    """Write every subject's image and label map (and masks) plus ``samples.tsv``; returns the sheet's path."""
     from tqdm import tqdm
 
     from medldm.io import write_text
 
     out_dir = Path(out_dir)
     template = load_template(resolution_mm)
-    rows = ["subject_id\timage\tlabel\tclass"]
+    rows = sheet_rows(out_dir, n_subjects, lesion_class, masks_per_subject)
     subjects = demo_subjects(n_subjects, lesion_class)
     for index, subject in enumerate(tqdm(subjects, desc="demo cohort", disable=not progress)):
-        image, labels, affine = synthesize_subject(template, index, seed, subject.cls == lesion_class)
-        image_path = out_dir / "images" / f"{subject.subject_id}.nii.gz"
-        label_path = out_dir / "labels" / f"{subject.subject_id}.nii.gz"
-        save_nifti(image_path, image, affine)
-        save_nifti(label_path, labels, affine)
-        rows.append(f"{subject.subject_id}\t{image_path}\t{label_path}\t{subject.cls}")
+        masks = None
+        if masks_per_subject:  # their own random stream: the images stay the same
+            masks = partial(template_masks, rng=np.random.default_rng([seed, index, 1]), n_masks=masks_per_subject,
+                            ellipsoids=ellipsoids)
+        image, labels, affine, warped = synthesize_subject(template, index, seed, subject.cls == lesion_class, masks)
+        own = [row for row in rows if row.get("group", row["subject_id"]) == subject.subject_id]
+        save_nifti(own[0]["image"], image, affine)
+        save_nifti(own[0]["label"], labels, affine)
+        for row, mask in zip(own, warped, strict=False):
+            save_nifti(row["mask"], mask, affine)
+    columns = list(rows[0])
+    lines = ["\t".join(columns)] + ["\t".join(row[c] for c in columns) for row in rows]
     sheet = out_dir / "samples.tsv"
-    write_text(sheet, "\n".join(rows) + "\n")
+    write_text(sheet, "\n".join(lines) + "\n")
     return sheet
