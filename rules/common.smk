@@ -332,6 +332,38 @@ def saliency_arg(wildcards, output):
     return f"--saliency {shlex.quote(output.saliency)}" if SALIENCY else ""
 
 
+# Inpainting (rules/decode.smk, rules/evaluate.smk): sample sets with task: inpaint are decoded
+# with their sources pasted back outside the masks and scored inside them (evaluate_inpainting),
+# instead of FID and the classifier.
+def is_inpaint_set(name):
+    return config["sample_sets"][name].get("task", "generate") == "inpaint"
+
+
+def decode_synthetic_inputs(wildcards):
+    """vae.pt and the set's latents; for an inpaint set also the manifest (the sources pasted back)."""
+    folder = f"{RESULTS}/synthetic/{wildcards.ldm}/{wildcards.sample_set}"
+    inputs = {"model": f"{ldm_vae_dir(wildcards)}/vae.pt", "latents": f"{folder}/latents.h5"}
+    if is_inpaint_set(wildcards.sample_set):
+        inputs["manifest"] = f"{PREPARED}/manifest.tsv"
+    return inputs
+
+
+def paste_back_args(wildcards, input):
+    if "manifest" not in input.keys():
+        return ""
+    blend = config["sample_sets"][wildcards.sample_set].get("blend_voxels", 0)
+    return f"--manifest {shlex.quote(input.manifest)} --blend-voxels {blend}"
+
+
+def inpainting_settings(wildcards):
+    """evaluate_inpainting's --settings: the paste-back of its baselines and the bootstrap."""
+    return settings_json({
+        "inference": config["vae"][ldm_entry(wildcards.ldm)["vae"]]["inference"],
+        "blend_voxels": config["sample_sets"][wildcards.sample_set].get("blend_voxels", 0),
+        **EVALUATE["inpainting"],
+    })
+
+
 def report_index():
     """What the report shows, by name: the --inputs JSON of workflow_scripts/report.py."""
     index = {
@@ -358,17 +390,19 @@ def report_index():
     for name, sample_set in config.get("sample_sets", {}).items():
         synthetic, evaluation = sample_set_dirs(name)
         vae = ldm_entry(sample_set["ldm"])["vae"]
+        inpaint = is_inpaint_set(name)
         index["sample_sets"][name] = {
             "ldm": sample_set["ldm"],
             "volumes": f"{synthetic}/volumes.h5",
-            "metrics": f"{evaluation}/image_metrics.json",
-            "classifier": f"{evaluation}/classifier.json" if CLASSIFIER else None,
+            "metrics": None if inpaint else f"{evaluation}/image_metrics.json",
+            "classifier": f"{evaluation}/classifier.json" if CLASSIFIER and not inpaint else None,
             "saliency": [
                 f"{folder}/saliency.png"
                 for folder in (evaluation, REAL_ARM_DIR, reconstruction_arm_dir(vae))
             ]
-            if SALIENCY
+            if SALIENCY and not inpaint
             else [],
+            "inpainting": f"{evaluation}/inpainting.json" if inpaint else None,
         }
     return index
 
@@ -383,7 +417,7 @@ def report_inputs():
             if kind == "vae":
                 files[f"reconstruction_{name}"] = entry["reconstruction"]
     for name, entry in index["sample_sets"].items():
-        for key in ("volumes", "metrics", "classifier", "saliency"):
+        for key in ("volumes", "metrics", "classifier", "saliency", "inpainting"):
             if entry[key]:
                 files[f"{key}_{name}"] = entry[key]
     return files

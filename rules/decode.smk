@@ -1,5 +1,6 @@
 # Decoding latents back to images on the prepared grid: volumes.h5 (for evaluation) and one
 # NIfTI folder per volume. Every latents.h5 holds unscaled latents, so decoding never rescales.
+# An inpaint set's volumes get their sources' prepared voxels pasted back outside the masks.
 
 
 rule decode_reconstructions:
@@ -25,8 +26,7 @@ rule decode_reconstructions:
 
 rule decode_synthetic:
     input:
-        model=lambda wc: f"{ldm_vae_dir(wc)}/vae.pt",
-        latents=f"{RESULTS}/synthetic/{{ldm}}/{{sample_set}}/latents.h5",
+        unpack(decode_synthetic_inputs),
     output:
         volumes=f"{RESULTS}/synthetic/{{ldm}}/{{sample_set}}/volumes.h5",
         nifti=directory(f"{RESULTS}/synthetic/{{ldm}}/{{sample_set}}/nifti"),
@@ -39,6 +39,7 @@ rule decode_synthetic:
         **rule_resources("decode_synthetic"),
     params:
         settings=lambda wc: settings_json(config["vae"][ldm_entry(wc.ldm)["vae"]]["inference"]),
+        paste_back=paste_back_args,
     shell:
-        "python -m workflow_scripts.decode --vae {input.model:q} --latents {input.latents:q}"
+        "python -m workflow_scripts.decode --vae {input.model:q} --latents {input.latents:q} {params.paste_back}"
         " --settings {params.settings:q} --out {output.volumes:q} --nifti-dir {output.nifti:q} > {log} 2>&1"

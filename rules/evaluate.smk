@@ -2,7 +2,8 @@
 # internet), real reference and floor features (once per prepared data set / autoencoder; device and
 # batch size are runtime-only params, never a rerun trigger), image metrics and the
 # train-on-synthetic classifier per sample set (its real arm trained once per run, its
-# reconstruction arm once per autoencoder), autoencoder reconstruction metrics, the report.
+# reconstruction arm once per autoencoder), inpainting scored inside the masks (inpaint sets,
+# instead of FID and the classifier), autoencoder reconstruction metrics, the report.
 
 
 localrules:
@@ -211,6 +212,31 @@ rule evaluate_classifier:
         " --manifest {input.manifest:q} --classes {params.classes:q} --settings {params.settings:q}"
         " --device {params.device} --out-json {output.json:q} --out-csv {output.csv:q}"
         " {params.saliency} > {log} 2>&1"
+
+
+rule evaluate_inpainting:
+    input:
+        volumes=f"{RESULTS}/synthetic/{{ldm}}/{{sample_set}}/volumes.h5",
+        latents=lambda wc: f"{ldm_vae_dir(wc)}/latents.h5",
+        vae=lambda wc: f"{ldm_vae_dir(wc)}/vae.pt",
+        manifest=f"{PREPARED}/manifest.tsv",
+    output:
+        json=f"{EVAL}/synthetic/{{ldm}}/{{sample_set}}/inpainting.json",
+        csv=f"{EVAL}/synthetic/{{ldm}}/{{sample_set}}/inpainting.csv",
+    log:
+        f"{RESULTS}/logs/eval/{{ldm}}/{{sample_set}}/evaluate_inpainting.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        **rule_resources("evaluate_inpainting"),
+    params:
+        settings=inpainting_settings,
+        device=runtime_only(EVALUATE["device"]),
+    shell:
+        "python -m workflow_scripts.evaluate_inpainting --volumes {input.volumes:q} --latents {input.latents:q}"
+        " --vae {input.vae:q} --manifest {input.manifest:q} --settings {params.settings:q}"
+        " --device {params.device} --out-json {output.json:q} --out-csv {output.csv:q} > {log} 2>&1"
 
 
 rule evaluate_reconstruction:

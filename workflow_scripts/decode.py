@@ -6,6 +6,11 @@ NIfTI per volume, <nifti-dir>/<id>/image.nii.gz (+ label.nii.gz), each with its 
 a real subject's reconstruction sits where that subject's prepared image sits; a generated
 volume (no source subject) uses the prepared grid's reference affine (the first subject's).
 
+Inpainted sets (latents with ``mask`` and ``source_id``): each decoded volume gets its source's
+prepared voxels pasted back outside its mask (read through ``--manifest``), blended over
+``--blend-voxels`` voxel layers inside the mask only, so the known tissue is exactly the input;
+volumes.h5 keeps ``mask`` and ``source_id``.
+
 Scaling: every latents file holds UNSCALED latents (posterior mu, or samples already divided by
 the scale factor once by the sampler when it wrote them), so decode feeds ``mu`` to the decoder
 as stored and never multiplies or divides by ``scale_factor``.
@@ -17,8 +22,12 @@ import argparse
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from medldm.autoencoder import networks as ae
 from medldm.data import h5layout
+from medldm.data.cohort import load_prepared
+from medldm.data.masks import paste_back
 from medldm.errors import InputError, run_cli
 from medldm.io import save_nifti
 from medldm.provenance import check_autoencoder
@@ -47,6 +56,21 @@ def check_match(latents: h5layout.H5File, vae: dict, vae_path: Path) -> None:
         )
 
 
+def source_volumes(latents: h5layout.H5File, manifest: Path | None, with_labels: bool):
+    """{source_id: (prepared image (X, Y, Z), prepared label map or None)} of an inpainted set's sources."""
+    if manifest is None:
+        raise InputError(f"{latents.path}: inpainted volumes (mask and source_id) need --manifest, whose prepared "
+                         "images are pasted back outside the masks")
+    real = load_prepared(manifest, latents.header.class_names, with_labels=with_labels)
+    row_of = {sid: i for i, sid in enumerate(real.subject_ids)}
+    missing = sorted(set(latents.source_ids) - set(row_of))
+    if missing:
+        raise InputError(f"{latents.path}: source_id {missing[:5]} not in {manifest}; sample the set again from "
+                         "this prepared data")
+    return {sid: (real.images[row_of[sid], 0].numpy(),
+                  None if real.labels is None else real.labels[row_of[sid]].numpy()) for sid in set(latents.source_ids)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", required=True, type=Path, help="vae.pt from train_vae")
@@ -55,6 +79,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="volumes.h5 to write")
     parser.add_argument("--nifti-dir", required=True, type=Path, help="folder for one NIfTI per volume")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--manifest", type=Path, default=None,
+                        help="results/prepared/manifest.tsv: the sources pasted back into inpainted volumes")
+    parser.add_argument("--blend-voxels", type=int, default=0,
+                        help="paste-back blend width inside the mask, in voxels (0: hard paste)")
     args = parser.parse_args(argv)
     setup_logging()
     inference = load_settings(args.settings)
@@ -71,18 +99,30 @@ def main(argv=None) -> int:
             settings={"latents": str(args.latents), "latents_settings": src.settings,
                       "vae_sha256": src.vae_sha256},
         )
-        with h5layout.create_volumes(args.out, len(latents), header, with_labels=paired) as writer:
+        inpainted = latents.mask is not None and latents.source_ids is not None
+        sources = source_volumes(latents, args.manifest, paired) if inpainted else {}
+        with h5layout.create_volumes(args.out, len(latents), header, with_labels=paired,
+                                     with_masks=latents.mask is not None,
+                                     with_source=latents.source_ids is not None) as writer:
             for start, images, labels in ae.decode_set(net, latents.mu, inference, device):
                 for j, image in enumerate(images):
                     i = start + j
                     sid = latents.subject_ids[i]
                     label, affine = None if labels is None else labels[j], latents.affines[i]
+                    mask = None if latents.mask is None else latents.mask[i]
+                    source_id = None if latents.source_ids is None else latents.source_ids[i]
+                    if inpainted:
+                        original, original_label = sources[source_id]
+                        image = paste_back(image, original, mask, args.blend_voxels)
+                        if label is not None and original_label is not None:
+                            label = np.where(mask > 0, label, original_label).astype(np.uint8)
                     save_nifti(args.nifti_dir / sid / "image.nii.gz", image, affine)
                     if label is not None:
                         save_nifti(args.nifti_dir / sid / "label.nii.gz", label, affine)
                     writer.append(sid, int(latents.class_index[i]), latents.splits[i], affine=affine,
-                                  image=image, label=label)
-    print(f"{args.out}: decoded {writer.count} volumes{' with label maps' if paired else ''} "
+                                  source_id=source_id, image=image, label=label, mask=mask)
+    pasted = f", source voxels pasted back outside the masks (blend {args.blend_voxels})" if inpainted else ""
+    print(f"{args.out}: decoded {writer.count} volumes{' with label maps' if paired else ''}{pasted} "
           f"of shape {list(header.grid_shape)}; NIfTI in {args.nifti_dir}")
     return 0
 
