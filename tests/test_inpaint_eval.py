@@ -131,6 +131,14 @@ def test_evaluate_inpainting_scores_inside_the_masks(tmp_path, prepared_with_mas
     first = per_volume[(per_volume["method"] == "mean_fill") & (per_volume["volume"] == "toy04-inp1")].iloc[0]
     original, mask = data.images[4, 0].numpy(), data.masks[4].numpy()
     assert first["mse"] == pytest.approx(masked_metrics(mean_fill(original, mask), original, mask)["mse"])
+    # the report: a table of every fill and the side-by-side figure
+    from medldm.report.page import build_report
+
+    page = build_report({"manifest": str(manifest), "sample_sets": {"inp": {
+        "ldm": "m", "volumes": str(volumes), "metrics": None, "classifier": None, "saliency": [],
+        "inpainting": str(out_json)}}}, {"classes": ["HC", "TLE"]}, tmp_path / "figures")
+    assert "Inpainting (scored inside the masks)" in page and "baseline: mean foreground fill" in page
+    assert (tmp_path / "figures" / "inpainting_inp.png").is_file()
     # a volumes file that is not an inpainted set is refused by name
     with pytest.raises(InputError, match="not an inpainted set"):
         plain = tmp_path / "plain.h5"

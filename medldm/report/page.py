@@ -190,6 +190,25 @@ def plot_classifier(arms: dict[str, dict], path: str | os.PathLike) -> Path:
     return save_figure(fig, path)
 
 
+def plot_inpainting(path: str | os.PathLike, rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> Path:
+    """Per (title, original, mask, inpainted): the voided input, the original with the mask's outline,
+    the inpainted volume and the original, on the axial slice holding the most mask voxels."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), 4, figsize=(9, 2.4 * len(rows)), squeeze=False)
+    for ax_row, (title, original, mask, inpainted) in zip(axes, rows, strict=True):
+        z = int(np.argmax(np.asarray(mask).sum(axis=(0, 1))))
+        hole = np.asarray(mask)[:, :, z].T > 0
+        panels = {"input (voided)": np.where(hole, 0, original[:, :, z].T), "mask outline": original[:, :, z].T,
+                  "inpainted": np.asarray(inpainted)[:, :, z].T, "original": original[:, :, z].T}
+        for ax, (name, image) in zip(ax_row, panels.items(), strict=True):
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1, origin="lower")
+            if name == "mask outline":
+                ax.contour(hole, levels=[0.5], colors="#f33", linewidths=0.8)
+            ax.set_title(f"{title}: {name}" if name == "input (voided)" else name, fontsize=8)
+            ax.axis("off")
+    return save_figure(fig, path)
+
+
 # ----------------------------------------------------------------------------- the page
 
 
@@ -409,6 +428,40 @@ def _summary_section(sets: dict, metrics: dict, classifier: dict) -> Section:
     return section
 
 
+INPAINT_METHODS = {"inpainted": "the sample set", "autoencoder": "baseline: autoencoder of the voided image",
+                   "mean_fill": "baseline: mean foreground fill"}
+
+
+def _inpainting_section(results: dict[str, dict], sets: dict, prepared, figures: Path) -> Section:
+    """Inpaint sets: in-mask scores of each set and its baselines, and a few volumes side by side."""
+    from medldm.data import h5layout
+
+    section = Section("Inpainting (scored inside the masks)")
+    rows = []
+    for name, r in results.items():
+        for method, m in _in_order(r["methods"], list(INPAINT_METHODS)).items():
+            row = {"set": name, "method": INPAINT_METHODS.get(method, method), "outside": m["outside_max_abs"]}
+            for metric in ("ssim", "psnr", "mse"):
+                row[metric] = m[metric]["mean"]
+                row[f"{metric}_ci"] = f"{fmt(m[metric]['ci_low'], 3)} – {fmt(m[metric]['ci_high'], 3)}"
+            rows.append(row)
+    section.html(table(rows, [("set", "sample set"), ("method", "fill"), ("ssim", "SSIM"), ("ssim_ci", "95 % CI"),
+                              ("psnr", "PSNR (dB)"), ("psnr_ci", "95 % CI"), ("mse", "MSE"), ("mse_ci", "95 % CI"),
+                              ("outside", "max |diff| outside")]))
+    section.text("SSIM (the SSIM map averaged over the mask), PSNR and MSE inside the masks against the original "
+                 "prepared volume, mean over volumes with percentile bootstrap 95 % intervals; both baselines are "
+                 "pasted back like the set. The largest absolute difference outside the masks must be 0.")
+    row_of = {sid: i for i, sid in enumerate(prepared.subject_ids)}
+    for name in results:
+        with h5layout.open_volumes(sets[name]["volumes"]) as vol:
+            shown = [(vol.subject_ids[i], prepared.images[row_of[src], 0].numpy(), vol.mask[i], vol.image[i])
+                     for i, src in enumerate((vol.source_ids or [])[:3]) if src in row_of]
+        if shown:
+            section.figure(plot_inpainting(figures / f"inpainting_{name}.png", shown),
+                           f"Sample set {name}: voided input, mask outline, inpainted, original (axial slice)")
+    return section
+
+
 def _data_section(prepared, sets: dict, classes: list[str], figures: Path, per_class: int) -> Section:
     from medldm.data import h5layout
 
@@ -488,7 +541,8 @@ def build_report(inputs: dict, config: dict, figures: str | os.PathLike, montage
 
     ``inputs``: {"manifest", "fid_weights" (record JSON), "vae": {name: {model, run_dir, reconstruction
     (metrics JSON), reconstructions (volumes .h5)}}, "ldm": {name: {model, run_dir}}, "sample_sets":
-    {name: {ldm, volumes, metrics, classifier (JSON or None), saliency (PNGs of its arms, maybe empty)}}}.
+    {name: {ldm, volumes, metrics, classifier (JSON or None), saliency (PNGs of its arms, maybe empty),
+    inpainting (in-mask scores JSON of an inpaint set, or None)}}}.
     """
     from medldm.data.cohort import load_prepared
 
@@ -498,6 +552,7 @@ def build_report(inputs: dict, config: dict, figures: str | os.PathLike, montage
     sets = inputs.get("sample_sets", {})
     metrics = {n: m for n, s in sets.items() if (m := _load_json(s.get("metrics")))}
     classifier = {n: c for n, s in sets.items() if (c := _load_json(s.get("classifier")))}
+    inpainting = {n: r for n, s in sets.items() if (r := _load_json(s.get("inpainting")))}
     recon = {n: r for n, v in inputs.get("vae", {}).items() if (r := _load_json(v.get("reconstruction")))}
     prepared = load_prepared(inputs["manifest"], classes, with_labels=False)
     sections = [_summary_section(sets, metrics, classifier),
@@ -509,6 +564,8 @@ def build_report(inputs: dict, config: dict, figures: str | os.PathLike, montage
         sections.append(_msssim_section(metrics, recon, figures))
     if classifier:
         sections.append(_classifier_section(classifier, figures, {n: s.get("saliency") for n, s in sets.items()}))
+    if inpainting:
+        sections.append(_inpainting_section(inpainting, sets, prepared, figures))
     sections.append(_provenance_section(inputs, config))
     return render("medldm run report", sections, f"classes: {', '.join(classes) or 'none'}; "
                                                  f"{len(sets)} sample set(s)")
