@@ -149,3 +149,26 @@ def test_random_ellipsoids_stay_inside_and_are_seeded():
     first = random_ellipsoids(inside, 3, np.random.default_rng(1))
     assert first.any() and not (first.astype(bool) & ~inside).any()
     assert np.array_equal(first, random_ellipsoids(inside, 3, np.random.default_rng(1)))
+
+
+def test_workflow_refuses_several_masks_of_an_image_without_groups(tmp_path):
+    from tests.test_config_validation import dry_run_error, user_config, volume
+
+    image, label = volume(tmp_path, "img"), volume(tmp_path, "lab")
+    rows = [[f"s-m{k}", image, label, "HC", volume(tmp_path, f"m{k}")] for k in range(2)]
+    config = user_config(tmp_path, rows, header="subject_id\timage\tlabel\tclass\tmask")
+    out = dry_run_error(tmp_path, config)
+    assert f"sample sheet {config['samples']}: rows s-m0, s-m1 share the image {image}" in out and "Traceback" not in out
+
+
+def test_workflow_prepares_masks_with_their_images(tmp_path):
+    from tests.conftest import run_snakemake
+    from tests.test_config_validation import user_config, volume
+
+    image, label = volume(tmp_path, "img"), volume(tmp_path, "lab")
+    rows = [[f"s-m{k}", image, label, "HC", volume(tmp_path, f"m{k}"), "s"] for k in range(2)]
+    rows.append(["t", volume(tmp_path, "img2"), volume(tmp_path, "lab2"), "HC", volume(tmp_path, "m9"), ""])
+    config = user_config(tmp_path, rows, header="subject_id\timage\tlabel\tclass\tmask\tgroup")
+    proc = run_snakemake(tmp_path, "-n", "-p", "prepared", config=config)
+    assert proc.stdout.count(" --mask ") == 3
+    assert f"--mask {tmp_path / 'm1.nii.gz'} --out-mask results/prepared/s-m1/mask.nii.gz" in proc.stdout
