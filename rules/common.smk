@@ -349,10 +349,28 @@ def decode_synthetic_inputs(wildcards):
 
 
 def paste_back_args(wildcards, input):
-    if "manifest" not in input.keys():
+    return f"--manifest {shlex.quote(input.manifest)}" if "manifest" in input.keys() else ""
+
+
+def decode_synthetic_settings(wildcards):
+    """decode's --settings: the vae's inference section, and blend_voxels for an inpaint set (a
+    generate set's settings, and so its rerun trigger, stay as they were)."""
+    settings = config["vae"][ldm_entry(wildcards.ldm)["vae"]]["inference"]
+    if is_inpaint_set(wildcards.sample_set):
+        settings = {**settings, "blend_voxels": config["sample_sets"][wildcards.sample_set].get("blend_voxels", 0)}
+    return settings_json(settings)
+
+
+DEMO_MASKS = config["demo"]["masks"]
+# demo_cohort's rerun trigger for its masks: a param only when masks are asked for, so that the
+# default demo's params (and so its outputs) stay as they were.
+DEMO_MASK_PARAMS = {"masks": settings_json(DEMO_MASKS)} if DEMO_MASKS["per_subject"] else {}
+
+
+def demo_mask_args(wildcards, output):
+    if not DEMO_MASKS["per_subject"]:
         return ""
-    blend = config["sample_sets"][wildcards.sample_set].get("blend_voxels", 0)
-    return f"--manifest {shlex.quote(input.manifest)} --blend-voxels {blend}"
+    return f"--masks-per-subject {DEMO_MASKS['per_subject']} --ellipsoids {DEMO_MASKS['ellipsoids']}"
 
 
 def inpainting_settings(wildcards):

@@ -38,7 +38,7 @@ rule decode_synthetic:
     resources:
         **rule_resources("decode_synthetic"),
     params:
-        settings=lambda wc: settings_json(config["vae"][ldm_entry(wc.ldm)["vae"]]["inference"]),
+        settings=decode_synthetic_settings,
         paste_back=paste_back_args,
     shell:
         "python -m workflow_scripts.decode --vae {input.model:q} --latents {input.latents:q} {params.paste_back}"

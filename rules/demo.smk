@@ -17,9 +17,9 @@ rule demo_cohort:
         seed=config["demo"]["seed"],
         lesion=config["demo"]["lesion_class"],
         resolution=config["demo"]["resolution_mm"],
-        masks=config["demo"]["masks"]["per_subject"],
-        ellipsoids=config["demo"]["masks"]["ellipsoids"],
+        mask_args=demo_mask_args,
+        **DEMO_MASK_PARAMS,
     shell:
         "python -m workflow_scripts.demo_cohort --out-dir {params.out_dir} --n-subjects {params.n}"
         " --seed {params.seed} --lesion-class {params.lesion} --resolution-mm {params.resolution}"
-        " --masks-per-subject {params.masks} --ellipsoids {params.ellipsoids} > {log} 2>&1"
+        " {params.mask_args} > {log} 2>&1"

@@ -91,7 +91,8 @@ def test_decode_pastes_the_source_back_outside_the_mask(tmp_path, prepared_with_
     with pytest.raises(InputError, match="need --manifest"):
         decode.main(args)
     assert not out.exists()
-    assert decode.main([*args, "--manifest", str(manifest), "--blend-voxels", str(blend)]) == 0
+    args[args.index("--settings") + 1] = json.dumps({**json.loads(inference), "blend_voxels": blend})
+    assert decode.main([*args, "--manifest", str(manifest)]) == 0
     row_of = {sid: i for i, sid in enumerate(data.subject_ids)}
     with h5layout.open_volumes(out) as vol:
         assert vol.source_ids == [s for s in data.subject_ids[3:] for _ in range(2)]

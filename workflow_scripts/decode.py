@@ -8,7 +8,7 @@ volume (no source subject) uses the prepared grid's reference affine (the first 
 
 Inpainted sets (latents with ``mask`` and ``source_id``): each decoded volume gets its source's
 prepared voxels pasted back outside its mask (read through ``--manifest``), blended over
-``--blend-voxels`` voxel layers inside the mask only, so the known tissue is exactly the input;
+``blend_voxels`` (in ``--settings``) voxel layers inside the mask only, so the known tissue is exactly the input;
 volumes.h5 keeps ``mask`` and ``source_id``.
 
 Scaling: every latents file holds UNSCALED latents (posterior mu, or samples already divided by
@@ -75,17 +75,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", required=True, type=Path, help="vae.pt from train_vae")
     parser.add_argument("--latents", required=True, type=Path, help="latents.h5 (export_latents or sample)")
-    parser.add_argument("--settings", required=True, help="the vae's inference section (JSON or YAML file)")
+    parser.add_argument("--settings", required=True,
+                        help="the vae's inference section (JSON or YAML file); for an inpainted set also "
+                             "blend_voxels, the paste-back blend width inside the mask (default 0: a hard paste)")
     parser.add_argument("--out", required=True, type=Path, help="volumes.h5 to write")
     parser.add_argument("--nifti-dir", required=True, type=Path, help="folder for one NIfTI per volume")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--manifest", type=Path, default=None,
                         help="results/prepared/manifest.tsv: the sources pasted back into inpainted volumes")
-    parser.add_argument("--blend-voxels", type=int, default=0,
-                        help="paste-back blend width inside the mask, in voxels (0: hard paste)")
     args = parser.parse_args(argv)
     setup_logging()
     inference = load_settings(args.settings)
+    blend = int(inference.get("blend_voxels", 0))
     device = pick_device(args.device)
     net, vae = ae.load_vae(args.vae, device)
     paired = vae["settings"]["paired_labels"]
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
                     source_id = None if latents.source_ids is None else latents.source_ids[i]
                     if inpainted:
                         original, original_label = sources[source_id]
-                        image = paste_back(image, original, mask, args.blend_voxels)
+                        image = paste_back(image, original, mask, blend)
                         if label is not None and original_label is not None:
                             label = np.where(mask > 0, label, original_label).astype(np.uint8)
                     save_nifti(args.nifti_dir / sid / "image.nii.gz", image, affine)
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
                         save_nifti(args.nifti_dir / sid / "label.nii.gz", label, affine)
                     writer.append(sid, int(latents.class_index[i]), latents.splits[i], affine=affine,
                                   source_id=source_id, image=image, label=label, mask=mask)
-    pasted = f", source voxels pasted back outside the masks (blend {args.blend_voxels})" if inpainted else ""
+    pasted = f", source voxels pasted back outside the masks (blend {blend})" if inpainted else ""
     print(f"{args.out}: decoded {writer.count} volumes{' with label maps' if paired else ''}{pasted} "
           f"of shape {list(header.grid_shape)}; NIfTI in {args.nifti_dir}")
     return 0
