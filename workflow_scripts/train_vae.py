@@ -28,7 +28,8 @@ from medldm.settings import load_settings, name_list, with_cadence
 
 log = logging.getLogger("train_vae")
 # Settings that may change without invalidating a run's checkpoints (more epochs resume it).
-_RESUMABLE = ("epochs", "val_every", "checkpoint_every", "montage_subjects")
+# patience too: a run stopped early continues when it grows (the selection state is in its checkpoints).
+_RESUMABLE = ("epochs", "val_every", "checkpoint_every", "montage_subjects", "patience")
 
 
 def run_key(settings: dict, manifest: Path, classes: list[str], labels: list[str]) -> str:
@@ -70,12 +71,13 @@ def write_outputs(args, settings, prepare, classes, labels, data, result) -> Non
         "latent_shape": [settings["model"]["latent_channels"], *(s // factor for s in data.shape)],
         "epochs": result.epochs_done,
         "recon_metrics": {"split": split, **metrics},
+        "selection": result.selection,
         "provenance": provenance({"vae": settings, "prepare": prepare}, {"manifest": args.manifest}),
     })
     if args.montage:
         with atomic_path(args.montage) as tmp:
             shutil.copyfile(montage, tmp)
-    log.info("wrote %s (%s reconstruction: %s)", args.out, split,
+    log.info("wrote %s (%s; %s reconstruction: %s)", args.out, result.selection, split,
              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
 
