@@ -229,9 +229,10 @@ def python_launcher(wildcards, resources):
 
 
 # Trainer settings that say how a run proceeds, not what it learns: how often it validates,
-# logs and checkpoints, and whether it compiles. A change resumes the run (each trainer's run
+# logs and checkpoints, whether it compiles, and its live samples. A change resumes the run (each trainer's run
 # key leaves them out), so they are not rerun triggers either.
-TRAIN_CADENCE = ("val_every", "log_every", "checkpoint_every", "compile")
+TRAIN_CADENCE = ("val_every", "log_every", "checkpoint_every", "compile", "sample_every", "sample_volumes",
+                 "sample_steps")
 
 
 def trainer_settings(entry):

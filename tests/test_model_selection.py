@@ -110,3 +110,72 @@ def test_vae_selection_survives_resume(tmp_path, scripted_vae_validation):
     result = _vae(tmp_path, "b").run()
     assert result.epochs_done == 5 and result.selection == reference.selection
     assert _same(result.model.state_dict(), reference.model.state_dict())
+
+
+# ---- latent diffusion -------------------------------------------------------------------------
+
+VAL_LOSS = {8: 1.0, 16: 0.5, 24: 0.7, 32: 0.6, 40: 0.4}  # ldm_settings validates every 8 of 40 steps
+
+
+@pytest.fixture
+def scripted_ldm_validation(monkeypatch):
+    """Trainer.val_loss returns VAL_LOSS[step]; the EMA weights it saw are kept per step."""
+    from medldm.diffusion.training import Trainer
+
+    seen: dict[int, dict] = {}
+
+    def val_loss(self):
+        step = self.ema.updates  # one EMA update per step
+        seen.setdefault(step, {k: v.clone() for k, v in self.ema.module.state_dict().items()})
+        return VAL_LOSS[step]
+
+    monkeypatch.setattr(Trainer, "val_loss", val_loss)
+    return seen
+
+
+def _ldm(tmp_path, name, stop=None, patience=2):
+    from medldm.diffusion.training import Trainer
+    from tests.ldm_toys import ldm_settings, make_latents, make_vae_file
+
+    vae = tmp_path / "vae.pt"
+    if not vae.exists():
+        make_latents(tmp_path / "latents.h5", make_vae_file(vae))
+    settings = ldm_settings(train={"patience": patience, "checkpoint_every": 100})
+    return Trainer(settings, tmp_path / "latents.h5", vae, tmp_path / name, tmp_path / f"{name}.pt", CPU,
+                   stop=stop, progress=False)
+
+
+class StopAtPoll:
+    def __init__(self, k):
+        self.k, self.polls = k, 0
+
+    def __bool__(self):
+        self.polls += 1
+        return self.polls >= self.k
+
+
+def test_ldm_exports_the_best_step_and_stops_after_patience(tmp_path, scripted_ldm_validation):
+    seen = scripted_ldm_validation
+    assert _ldm(tmp_path, "a").run() == 0
+    payload = load_torch(tmp_path / "a.pt")
+    assert payload["step"] == 16 and payload["selection"] == {
+        "metric": "loss", "mode": "min", "value": 0.5, "step": 16, "validations_since": 2,
+        "stopped_early": True, "steps_trained": 32}
+    assert _same(payload["ema_state"], seen[16]) and not _same(seen[16], seen[32])
+    rows = _rows(tmp_path / "a")
+    assert rows[-1]["step"] == "32" and [r["best/step"] for r in rows if r["val_loss"]] == ["8", "16", "16", "16"]
+    assert Checkpoints(tmp_path / "a").latest().name == "ckpt-000000032.pt"  # the stop is checkpointed
+    longer = _ldm(tmp_path, "a", patience=3)  # more patience resumes the stopped run
+    assert longer.start == 32 and longer.run() == 0
+    assert load_torch(tmp_path / "a.pt")["selection"]["step"] == 40
+
+
+def test_ldm_selection_survives_resume(tmp_path, scripted_ldm_validation):
+    assert _ldm(tmp_path, "a").run() == 0
+    assert _ldm(tmp_path, "b", stop=StopAtPoll(20)).run() != 0  # stopped at step 20: best 16
+    assert load_torch(tmp_path / "b" / "ckpt-000000020.pt")["best"]["where"] == {"step": 16}
+    resumed = _ldm(tmp_path, "b")
+    assert resumed.start == 20 and resumed.run() == 0
+    a, b = load_torch(tmp_path / "a.pt"), load_torch(tmp_path / "b.pt")
+    assert a["selection"] == b["selection"] and _same(a["ema_state"], b["ema_state"])
+    assert _same(a["model_state"], b["model_state"])
