@@ -170,6 +170,18 @@ def label_args(wildcards, input, output):
     return f"--label {shlex.quote(input.label)} --out-label {shlex.quote(output.label)} --label-values {values}"
 
 
+# Autoencoders (rules/vae.smk)
+def vae_names(pretrained):
+    """A wildcard pattern of the vae entries that import_vae imports (pretrained) or train_vae trains."""
+    names = [name for name, entry in config["vae"].items() if bool(entry["pretrained"]) == pretrained]
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+def import_settings(entry):
+    """What import_vae reads of a vae entry (its rerun triggers): architecture, labels, file."""
+    return settings_json({k: entry[k] for k in ("model", "paired_labels", "pretrained")})
+
+
 # Diffusion and sampling (rules/ldm.smk, rules/sample.smk)
 def ldm_entry(name):
     if name not in config["ldm"]:

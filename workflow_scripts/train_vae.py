@@ -56,8 +56,9 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def write_outputs(args, settings, prepare, classes, labels, data, result) -> None:
-    """vae.pt (weights, architecture, preparation, grid, provenance) and the montage."""
+def write_outputs(args, settings, prepare, classes, labels, data, result, inputs=None, extra=None) -> None:
+    """vae.pt (weights, architecture, preparation, grid, provenance) and the montage; ``inputs``:
+    more files to hash into the provenance, ``extra``: more vae.pt entries (import_vae uses both)."""
     split, montage, metrics = result.eval_split, result.montage, result.val_metrics
     factor = ae.downsampling(settings["model"])
     ae.save_vae(args.out, result.model, {
@@ -72,9 +73,10 @@ def write_outputs(args, settings, prepare, classes, labels, data, result) -> Non
         "epochs": result.epochs_done,
         "recon_metrics": {"split": split, **metrics},
         "selection": result.selection,
-        "provenance": provenance({"vae": settings, "prepare": prepare}, {"manifest": args.manifest}),
+        "provenance": provenance({"vae": settings, "prepare": prepare}, {"manifest": args.manifest, **(inputs or {})}),
+        **(extra or {}),
     })
-    if args.montage:
+    if args.montage and Path(montage) != args.montage:
         with atomic_path(args.montage) as tmp:
             shutil.copyfile(montage, tmp)
     log.info("wrote %s (%s; %s reconstruction: %s)", args.out, result.selection, split,
