@@ -350,7 +350,7 @@ def report_index():
         "vae": {
             name: {
                 "model": f"{RESULTS}/vae/{name}/vae.pt",
-                "run_dir": f"{RESULTS}/runs/vae/{name}",
+                "run_dir": None if config["vae"][name]["pretrained"] else f"{RESULTS}/runs/vae/{name}",
                 "reconstructions": reconstructions_h5(name),
                 "reconstruction": f"{EVAL}/vae/{name}/reconstruction.json",
             }

@@ -115,3 +115,10 @@ def test_workflow_imports_instead_of_training(tmp_path, test_config):
     plan = planned_rules(run_snakemake(tmp_path, "-n", f"{vae}/other/latents.h5", f"{vae}/demo/vae.pt",
                                        config=test_config).stdout)
     assert plan.get("import_vae") == 1 and plan.get("train_vae") == 1 and plan.get("export_latents") == 1, plan
+
+
+def test_report_says_an_imported_autoencoder_is_not_trained_here(tmp_path):
+    from medldm.report.page import _training_section
+
+    section = _training_section({"vae": {"mine": {"model": "vae.pt", "run_dir": None}}}, None, tmp_path)
+    assert section.parts == ['<p class="note">Autoencoder mine: imported, not trained by this workflow</p>']

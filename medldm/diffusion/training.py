@@ -339,7 +339,9 @@ class Trainer:
                 running.zero_()
                 count, tic = 0, time.perf_counter()
             if self.vae is not None and step % cfg["sample_every"] == 0:
+                started = time.perf_counter()
                 self.live_samples(step, metrics)
+                tic += time.perf_counter() - started  # steps_per_s counts training only
             stopping = self._should_stop()
             early = self._validating(step) and stop_agreed(self.best.exhausted, self.device)
             if main and (stopping or early or step % cfg["checkpoint_every"] == 0 or step == total):
