@@ -79,7 +79,8 @@ def write_outputs(args, settings, prepare, classes, labels, data, result, inputs
     if args.montage and Path(montage) != args.montage:
         with atomic_path(args.montage) as tmp:
             shutil.copyfile(montage, tmp)
-    log.info("wrote %s (%s; %s reconstruction: %s)", args.out, result.selection, split,
+    chosen = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.selection.items())
+    log.info("wrote %s (selection: %s; %s reconstruction: %s)", args.out, chosen, split,
              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
 
