@@ -1,5 +1,6 @@
 """The one owner of checkpoints: periodic training checkpoints, resume, final model files,
-and the stop-signal handling that SLURM relies on (SIGTERM / SIGUSR1 before a time limit).
+the best checkpoint by a validation metric (model selection, early stopping), and the
+stop-signal handling that SLURM relies on (SIGTERM / SIGUSR1 before a time limit).
 
 A run directory (not a Snakemake output, so Snakemake never deletes it on failure) holds
 ``ckpt-<step>.pt`` files written atomically; ``latest()`` is the newest complete one.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -107,6 +109,82 @@ class Checkpoints:
         set_rng_state(state["rng"])
         log.info("resuming from checkpoint %s (step %d)", path, state["step"])
         return state
+
+
+def cpu_copy(state: dict) -> dict:
+    """A detached CPU copy of a (nested) state dict: a snapshot that later steps do not change."""
+    if isinstance(state, dict):
+        return {k: cpu_copy(v) for k, v in state.items()}
+    return state.detach().to("cpu", copy=True) if isinstance(state, torch.Tensor) else state
+
+
+class BestCheckpoint:
+    """Model selection: the weights of the best validation so far by one metric (``mode`` min or
+    max), and the number of validations since it (early stopping after ``patience`` of them;
+    0 never stops). ``metric`` ``last`` selects the newest validation: no selection.
+
+    ``state_dict()`` (weights included) goes into every training checkpoint, so a resumed run
+    keeps its best weights and its patience count; the trainers export ``weights``.
+    """
+
+    def __init__(self, metric: str, mode: str, patience: int = 0):
+        if mode not in ("min", "max"):
+            raise InputError(f"train.select.mode must be min or max, got {mode!r}")
+        self.metric, self.mode, self.patience = metric, mode, patience
+        self.value: float | None = None
+        self.where: dict = {}  # step (and epoch) of the best validation
+        self.metrics: dict = {}  # all metrics of that validation
+        self.weights: dict | None = None
+        self.since = 0
+
+    def _better(self, value: float) -> bool:
+        if self.weights is None or self.metric == "last":
+            return True
+        if math.isnan(value):
+            return False
+        if self.value is None or math.isnan(self.value):
+            return True
+        return value < self.value if self.mode == "min" else value > self.value
+
+    def update(self, metrics: dict[str, float], weights, **where) -> bool:
+        """Record one validation's ``metrics`` at ``where`` (step=..., epoch=...); ``weights`` is
+        called (for a snapshot of the state dicts) only when it is the new best, which it returns."""
+        if self.metric != "last" and self.metric not in metrics:
+            raise InputError(f"train.select.metric {self.metric!r}: validation gives {sorted(metrics)} (or 'last')")
+        value = float(metrics.get(self.metric, math.nan))
+        if not self._better(value):
+            self.since += 1
+            return False
+        self.value, self.where, self.metrics = value, dict(where), dict(metrics)
+        self.weights, self.since = cpu_copy(weights()), 0
+        return True
+
+    @property
+    def exhausted(self) -> bool:
+        """True when ``patience`` validations in a row did not improve on the best."""
+        return self.patience > 0 and self.since >= self.patience
+
+    def record(self) -> dict:
+        """The choice, as model files and logs state it: metric, mode, value, step (and epoch)."""
+        return {"metric": self.metric, "mode": self.mode, "value": self.value, **self.where,
+                "validations_since": self.since, "stopped_early": self.exhausted}
+
+    def describe(self) -> str:
+        where = ", ".join(f"{k} {v}" for k, v in self.where.items())
+        if self.metric == "last":
+            return f"the last validated weights ({where})"
+        return f"the best {self.metric} ({self.mode}) = {self.value:.6g} at {where}"
+
+    def state_dict(self) -> dict:
+        return {"metric": self.metric, "mode": self.mode, "value": self.value, "where": self.where,
+                "metrics": self.metrics, "weights": self.weights, "since": self.since}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["metric"], state["mode"]) != (self.metric, self.mode):  # run keys include select
+            raise InputError(f"checkpoint selects by {state['metric']} ({state['mode']}), the settings by "
+                             f"{self.metric} ({self.mode}): move the run directory away to start afresh")
+        self.value, self.where, self.metrics = state["value"], state["where"], state["metrics"]
+        self.weights, self.since = state["weights"], state["since"]
 
 
 class StopFlag:

@@ -166,6 +166,14 @@ class MetricsLog:
                 self.tb.add_scalar(key, float(value), step)
             self.tb.flush()
 
+    def log_image(self, tag: str, png: str | os.PathLike, step: int) -> None:
+        """A PNG (e.g. a montage) to TensorBoard, when it is used; the file stays where it is."""
+        if self.tb is not None:
+            import matplotlib.image
+
+            self.tb.add_image(tag, matplotlib.image.imread(png)[..., :3], step, dataformats="HWC")
+            self.tb.flush()
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

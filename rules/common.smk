@@ -173,6 +173,18 @@ def label_args(wildcards, input, output):
     return args
 
 
+# Autoencoders (rules/vae.smk)
+def vae_names(pretrained):
+    """A wildcard pattern of the vae entries that import_vae imports (pretrained) or train_vae trains."""
+    names = [name for name, entry in config["vae"].items() if bool(entry["pretrained"]) == pretrained]
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+def import_settings(entry):
+    """What import_vae reads of a vae entry (its rerun triggers): architecture, labels, file."""
+    return settings_json({k: entry[k] for k in ("model", "paired_labels", "pretrained")})
+
+
 # Diffusion and sampling (rules/ldm.smk, rules/sample.smk)
 def ldm_entry(name):
     if name not in config["ldm"]:
@@ -232,9 +244,10 @@ def python_launcher(wildcards, resources):
 
 
 # Trainer settings that say how a run proceeds, not what it learns: how often it validates,
-# logs and checkpoints, and whether it compiles. A change resumes the run (each trainer's run
+# logs and checkpoints, whether it compiles, and its live samples. A change resumes the run (each trainer's run
 # key leaves them out), so they are not rerun triggers either.
-TRAIN_CADENCE = ("val_every", "log_every", "checkpoint_every", "compile")
+TRAIN_CADENCE = ("val_every", "log_every", "checkpoint_every", "compile", "sample_every", "sample_volumes",
+                 "sample_steps")
 
 
 def trainer_settings(entry):
@@ -390,7 +403,7 @@ def report_index():
         "vae": {
             name: {
                 "model": f"{RESULTS}/vae/{name}/vae.pt",
-                "run_dir": f"{RESULTS}/runs/vae/{name}",
+                "run_dir": None if config["vae"][name]["pretrained"] else f"{RESULTS}/runs/vae/{name}",
                 "reconstructions": reconstructions_h5(name),
                 "reconstruction": f"{EVAL}/vae/{name}/reconstruction.json",
             }

@@ -1,6 +1,7 @@
 # Latent diffusion: one model per `ldm` config entry, trained on its autoencoder's latents.
 # The run directory (checkpoints, metrics.csv, tensorboard) is not an output, so a failed or
-# time-limited job keeps it and the rerun resumes.
+# time-limited job keeps it and the rerun resumes. vae.pt is an input for its sha256 and to decode
+# the live samples (train.sample_every).
 
 
 rule train_ldm:
@@ -19,10 +20,11 @@ rule train_ldm:
     params:
         settings=lambda wc: trainer_settings(ldm_entry(wc.ldm)),
         cadence=runtime_only(lambda wc: trainer_cadence(ldm_entry(wc.ldm))),
+        decoding=runtime_only(lambda wc: settings_json(config["vae"][ldm_entry(wc.ldm)["vae"]]["inference"])),
         run_dir=lambda wc: f"{RESULTS}/runs/ldm/{wc.ldm}",
         python=python_launcher,
     shell:
         "{params.python} -m workflow_scripts.train_ldm --settings {params.settings:q}"
         " --cadence {params.cadence:q}"
-        " --latents {input.latents:q} --vae {input.vae:q} --run-dir {params.run_dir:q}"
+        " --latents {input.latents:q} --vae {input.vae:q} --decoding {params.decoding:q} --run-dir {params.run_dir:q}"
         " --out {output:q} > {log} 2>&1"

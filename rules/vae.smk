@@ -1,5 +1,6 @@
 # Autoencoders: one per `vae` config entry (results/vae/<name>/), trained on the prepared
-# subjects, then every subject encoded into latents.h5 (posterior mu and logvar, unscaled).
+# subjects (or imported: `pretrained`), then every subject encoded into latents.h5 (posterior mu
+# and logvar, unscaled).
 # The run directory (checkpoints, metrics.csv, tensorboard, montages) is not an output, so a
 # failed or time-limited job keeps it and the rerun resumes; more epochs in the config resume too.
 
@@ -19,6 +20,8 @@ rule train_vae:
             category="Autoencoder",
             subcategory="{vae}",
         ),
+    wildcard_constraints:
+        vae=vae_names(pretrained=False),
     log:
         f"{RESULTS}/logs/vae/{{vae}}/train_vae.log",
     conda:
@@ -40,6 +43,42 @@ rule train_vae:
         " --prepare {params.prepare:q} --manifest {input.manifest:q} --classes {params.classes:q}"
         " --labels {params.labels:q} --run-dir {params.run_dir:q} --out {output.model:q}"
         " --montage {output.montage:q} > {log} 2>&1"
+
+
+rule import_vae:
+    input:
+        manifest=f"{PREPARED}/manifest.tsv",
+        pretrained=lambda wc: config["vae"][wc.vae]["pretrained"],
+    output:
+        model=f"{RESULTS}/vae/{{vae}}/vae.pt",
+        montage=report(
+            f"{RESULTS}/vae/{{vae}}/val_montage.png",
+            caption="../report/vae.rst",
+            category="Autoencoder",
+            subcategory="{vae}",
+        ),
+    wildcard_constraints:
+        vae=vae_names(pretrained=True),
+    log:
+        f"{RESULTS}/logs/vae/{{vae}}/import_vae.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        **rule_resources("import_vae"),
+    params:
+        settings=lambda wc: import_settings(config["vae"][wc.vae]),
+        inference=runtime_only(lambda wc: settings_json(config["vae"][wc.vae]["inference"])),
+        montage_subjects=lambda wc: config["vae"][wc.vae]["train"]["montage_subjects"],
+        prepare=settings_json(config["prepare"]),
+        classes=",".join(config["classes"]),
+        labels=",".join(config["labels"]),
+    shell:
+        "python -m workflow_scripts.import_vae --name {wildcards.vae:q} --settings {params.settings:q}"
+        " --pretrained {input.pretrained:q} --inference {params.inference:q}"
+        " --prepare {params.prepare:q} --manifest {input.manifest:q} --classes {params.classes:q}"
+        " --labels {params.labels:q} --montage-subjects {params.montage_subjects}"
+        " --out {output.model:q} --montage {output.montage:q} > {log} 2>&1"
 
 
 rule export_latents:

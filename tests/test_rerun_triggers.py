@@ -42,6 +42,7 @@ def _plan(tiny_run, config, tmp_path) -> dict[str, int]:
     ("ldm.demo.train.val_every", 15),
     ("ldm.demo.train.checkpoint_every", 15),
     ("ldm.demo.train.compile", True),
+    ("ldm.demo.train.sample_every", 10),            # live samples: what the run shows, not learns
     ("resources.train_vae", {"gpu": 2}),             # the GPU count (a run resumes or refuses)
     ("resources.train_ldm", {"gres": "gpu:a100:2"}),
 ])

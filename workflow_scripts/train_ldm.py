@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train one latent diffusion model on an autoencoder's latents and write ldm.pt.
 
-Checkpoints, metrics.csv and TensorBoard logs go to --run-dir (not a Snakemake output); a rerun
-resumes from its newest checkpoint. SIGTERM/SIGUSR1 write a checkpoint and exit with code 75.
+Checkpoints, metrics.csv, TensorBoard logs and live-sample montages go to --run-dir (not a
+Snakemake output); a rerun resumes from its newest checkpoint. SIGTERM/SIGUSR1 write a checkpoint and exit with code 75.
 Under torchrun (WORLD_SIZE > 1) every rank trains on its share of each batch; rank 0 writes.
 """
 
@@ -25,9 +25,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", required=True, help="the config's ldm.<name> section (JSON or YAML file)")
     parser.add_argument("--cadence", help="train keys that do not change the model: log_every, val_every, "
-                        "checkpoint_every, compile (JSON)")
+                        "checkpoint_every, compile, sample_every, sample_volumes, sample_steps (JSON)")
     parser.add_argument("--latents", required=True, type=Path, help="latents.h5 from export_latents")
-    parser.add_argument("--vae", type=Path, help="the vae.pt that wrote the latents (its sha256 is checked)")
+    parser.add_argument("--vae", type=Path, help="the vae.pt that wrote the latents (its sha256 is checked; "
+                        "it decodes the live samples of train.sample_every)")
+    parser.add_argument("--decoding", help="the vae's inference section (JSON or YAML file), for the live samples")
     parser.add_argument("--run-dir", required=True, type=Path, help="checkpoints and metrics")
     parser.add_argument("--out", required=True, type=Path, help="ldm.pt to write")
     parser.add_argument("--device", default=os.environ.get("MEDLDM_DEVICE", "auto"),
@@ -38,7 +40,8 @@ def main(argv=None) -> int:
     device = training_device(args.device)
     with StopFlag() as stop:
         settings = with_cadence(load_settings(args.settings), args.cadence)
-        trainer = Trainer(settings, args.latents, args.vae, args.run_dir, args.out, device, stop)
+        decoding = load_settings(args.decoding) if args.decoding else None
+        trainer = Trainer(settings, args.latents, args.vae, args.run_dir, args.out, device, stop, decoding=decoding)
         code = trainer.run()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -28,7 +28,8 @@ from medldm.settings import load_settings, name_list, with_cadence
 
 log = logging.getLogger("train_vae")
 # Settings that may change without invalidating a run's checkpoints (more epochs resume it).
-_RESUMABLE = ("epochs", "val_every", "checkpoint_every", "montage_subjects")
+# patience too: a run stopped early continues when it grows (the selection state is in its checkpoints).
+_RESUMABLE = ("epochs", "val_every", "checkpoint_every", "montage_subjects", "patience")
 
 
 def run_key(settings: dict, manifest: Path, classes: list[str], labels: list[str]) -> str:
@@ -55,8 +56,9 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def write_outputs(args, settings, prepare, classes, labels, data, result) -> None:
-    """vae.pt (weights, architecture, preparation, grid, provenance) and the montage."""
+def write_outputs(args, settings, prepare, classes, labels, data, result, inputs=None, extra=None) -> None:
+    """vae.pt (weights, architecture, preparation, grid, provenance) and the montage; ``inputs``:
+    more files to hash into the provenance, ``extra``: more vae.pt entries (import_vae uses both)."""
     split, montage, metrics = result.eval_split, result.montage, result.val_metrics
     factor = ae.downsampling(settings["model"])
     ae.save_vae(args.out, result.model, {
@@ -70,12 +72,15 @@ def write_outputs(args, settings, prepare, classes, labels, data, result) -> Non
         "latent_shape": [settings["model"]["latent_channels"], *(s // factor for s in data.shape)],
         "epochs": result.epochs_done,
         "recon_metrics": {"split": split, **metrics},
-        "provenance": provenance({"vae": settings, "prepare": prepare}, {"manifest": args.manifest}),
+        "selection": result.selection,
+        "provenance": provenance({"vae": settings, "prepare": prepare}, {"manifest": args.manifest, **(inputs or {})}),
+        **(extra or {}),
     })
-    if args.montage:
+    if args.montage and Path(montage) != args.montage:
         with atomic_path(args.montage) as tmp:
             shutil.copyfile(montage, tmp)
-    log.info("wrote %s (%s reconstruction: %s)", args.out, split,
+    chosen = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.selection.items())
+    log.info("wrote %s (selection: %s; %s reconstruction: %s)", args.out, chosen, split,
              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
 

@@ -34,7 +34,9 @@ def io_channels(paired_labels: bool, n_labels: int) -> int:
 
 
 def build_autoencoder(model: dict, channels: int) -> AutoencoderKL:
-    """``AutoencoderKL`` from the ``model`` settings section, ``channels`` in and out."""
+    """``AutoencoderKL`` from the ``model`` settings section, ``channels`` in and out; with
+    ``name: maisi`` MONAI's ``AutoencoderKlMaisi`` (NVIDIA MAISI's network, the same interface and
+    outputs; ``num_splits`` / ``dim_split`` split its convolutions' inputs to save memory)."""
     levels = len(model["channels"])
     attention = model.get("attention_levels") or [False] * levels
     if len(attention) != levels:
@@ -44,6 +46,18 @@ def build_autoencoder(model: dict, channels: int) -> AutoencoderKL:
     groups = model["norm_num_groups"]
     if any(c % groups for c in model["channels"]):
         raise InputError(f"vae model.channels {model['channels']} must all be divisible by norm_num_groups={groups}")
+    if model.get("name", "autoencoderkl") == "maisi":
+        from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+        return AutoencoderKlMaisi(
+            spatial_dims=model["spatial_dims"], in_channels=channels, out_channels=channels,
+            num_channels=tuple(model["channels"]), num_res_blocks=[model["num_res_blocks"]] * levels,
+            attention_levels=tuple(attention), latent_channels=model["latent_channels"], norm_num_groups=groups,
+            with_encoder_nonlocal_attn=model["nonlocal_attention"],
+            with_decoder_nonlocal_attn=model["nonlocal_attention"],
+            use_checkpointing=model["gradient_checkpointing"], num_splits=model["num_splits"],
+            dim_split=model["dim_split"], norm_float16=False, save_mem=False,
+        )
     return AutoencoderKL(
         spatial_dims=model["spatial_dims"],
         in_channels=channels,

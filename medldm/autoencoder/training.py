@@ -1,6 +1,8 @@
 """The autoencoder training loop: seeded, AdamW, gradient clipping, bf16 autocast on CUDA,
 optional patch-adversarial loss with its own optimiser, validation SSIM/PSNR (and Dice in
-paired-label mode) with a montage, metrics to CSV/TensorBoard, checkpoints and exact resume.
+paired-label mode) with a montage, metrics to CSV/TensorBoard, checkpoints and exact resume,
+model selection (the best validation by ``train.select``, exported) and early stopping
+(``train.patience``).
 
 Resume is exact: a checkpoint holds the model, optimisers, RNG states, the epoch and the number
 of batches already done in it; the batch order of an epoch is a function of (seed, epoch), so a
@@ -24,7 +26,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from medldm.autoencoder import networks as ae
-from medldm.checkpoint import Checkpoints
+from medldm.checkpoint import BestCheckpoint, Checkpoints
 from medldm.data.cohort import PreparedSet
 from medldm.errors import InputError
 from medldm.evaluation.diversity import ssim_metric
@@ -52,6 +54,7 @@ class Trained:
     eval_split: str = "val"
     val_metrics: dict = field(default_factory=dict)
     montage: Path | None = None
+    selection: dict = field(default_factory=dict)  # BestCheckpoint.record() of the exported weights
 
 
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[torch.Tensor]:
@@ -116,6 +119,10 @@ class VAETrainer:
             self.eval_set = train.select(list(range(min(len(train), max(self.train_cfg["montage_subjects"], 1)))))
             self.eval_split = "train"
         self.ckpts = Checkpoints(self.run_dir)
+        select = self.train_cfg["select"]
+        if select["metric"] == "dice" and not self.paired:
+            raise InputError("vae train.select.metric 'dice' needs paired_labels: true; use ssim or psnr")
+        self.best = BestCheckpoint(select["metric"], select["mode"], self.train_cfg["patience"])
         self.epoch, self.batch, self.step, self.partial = 0, 0, 0, {}
         self.val_metrics: dict = {}
         self.montage: Path | None = None
@@ -136,7 +143,8 @@ class VAETrainer:
         state = {"model": self.net.state_dict(), "opt": self.opt.state_dict(),
                  "lr_schedule": self.lr_schedule.state_dict(), "lr_horizon": self.lr_horizon,
                  "world": self.world, "epoch": self.epoch,
-                 "batch": self.batch, "partial": self.partial, "val_metrics": self.val_metrics}
+                 "batch": self.batch, "partial": self.partial, "val_metrics": self.val_metrics,
+                 "best": self.best.state_dict()}
         if self.disc is not None:
             state |= {"disc": self.disc.state_dict(), "opt_d": self.opt_d.state_dict()}
         return state
@@ -164,6 +172,8 @@ class VAETrainer:
             self.opt_d.load_state_dict(state["opt_d"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.partial, self.val_metrics = state["partial"], state["val_metrics"]
+        if "best" in state:  # older checkpoints do not hold one
+            self.best.load_state_dict(state["best"])
         log.info("resumed at epoch %d, batch %d (step %d)", self.epoch + 1, self.batch, self.step)
 
     def _checkpoint(self) -> None:
@@ -253,13 +263,23 @@ class VAETrainer:
         if done % cfg["val_every"] == 0 or last:
             self.validate(done)
             metrics |= {f"{self.eval_split}/{k}": v for k, v in self.val_metrics.items()}
+            metrics |= self._select(done)
         if self.main:
             self.metrics.log(self.step, **metrics)
             log.info("epoch %d/%d: %s", done, cfg["epochs"],
                      ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
         self.epoch, self.batch, self.partial = done, 0, {}
-        if done % cfg["checkpoint_every"] == 0 or last:
+        if done % cfg["checkpoint_every"] == 0 or last or self.best.exhausted:
             self._checkpoint()
+
+    def _select(self, epoch: int) -> dict[str, float]:
+        """Offer this validation to the model selection; its metrics-log columns."""
+        if self.best.update(self.val_metrics, lambda: {"model": self.net.state_dict()}, epoch=epoch, step=self.step):
+            log.info("new best: %s", self.best.describe())
+        elif self.best.exhausted:
+            log.info("early stop: %d validations without a better %s; exporting %s", self.best.since,
+                     self.best.metric, self.best.describe())
+        return {"best/step": self.best.where["step"], "best/epoch": self.best.where["epoch"]}
 
     @torch.no_grad()
     def validate(self, epoch: int) -> None:
@@ -273,14 +293,14 @@ class VAETrainer:
             self.net, shard, self.n_labels, self.paired, self.device, self.validation_decoding, montage,
             self.train_cfg["montage_subjects"],
         )
-        self.montage, self.validated = montage, True
+        self.montage, self.validated, self.last_validated = montage, True, epoch
 
     def run(self) -> Trained:
         """Resume if possible, train to ``train.epochs``; returns the unwrapped model and status."""
         self.resume()
         self.metrics = MetricsLog(self.run_dir, resume_step=self.step) if self.main else None
         try:
-            while self.epoch < self.train_cfg["epochs"]:
+            while self.epoch < self.train_cfg["epochs"] and not self.best.exhausted:
                 if not self.train_epoch():
                     return Trained(self.net, self.epoch, True, self.eval_split, self.val_metrics, self.montage)
         finally:
@@ -288,9 +308,21 @@ class VAETrainer:
                 self.metrics.close()
         if self._stop_requested():  # signal during the last epoch's end (its checkpoint is written)
             return Trained(self.net, self.epoch, True, self.eval_split, self.val_metrics, self.montage)
-        if not self.validated:  # finished in an earlier job: evaluate once more for the outputs
+        return self._selected()
+
+    def _selected(self) -> Trained:
+        """The selected weights in ``self.net``, with their metrics and montage. They are evaluated
+        again (same numbers, the montage written anew) unless this process just validated them."""
+        if self.best.weights is None:  # a run finished by a checkpoint that predates selection
             self.validate(self.epoch)
-        return Trained(self.net, self.epoch, False, self.eval_split, self.val_metrics, self.montage)
+            self.best.update(self.val_metrics, lambda: {"model": self.net.state_dict()},
+                             epoch=self.epoch, step=self.step)
+        self.net.load_state_dict(self.best.weights["model"])
+        if not self.validated or self.last_validated != self.best.where["epoch"]:
+            self.validate(self.best.where["epoch"])
+        log.info("exporting %s", self.best.describe())
+        return Trained(self.net, self.epoch, False, self.eval_split, self.val_metrics, self.montage,
+                       self.best.record())
 
 
 def evaluate_reconstruction(net, data: PreparedSet, n_labels: int, paired: bool, device, inference: dict,

@@ -331,9 +331,11 @@ class LDM:
 
 def save_ldm(path: str | os.PathLike, *, model_state: dict, ema_state: dict, settings: dict,
              scale_factor: float, latent_shape, class_names, label_names, grid_affine, grid_shape,
-             vae_sha256: str, latents_sha256: str, step: int, provenance: dict) -> None:
-    """Write ``ldm.pt`` atomically: raw and EMA weights, architecture, strategy, latent geometry,
-    and the sha256 of the latents file and of the ``vae.pt`` it was trained against."""
+             vae_sha256: str, latents_sha256: str, step: int, provenance: dict,
+             selection: dict | None = None) -> None:
+    """Write ``ldm.pt`` atomically: raw and EMA weights (of ``step``), architecture, strategy, latent
+    geometry, the sha256 of the latents file and of the ``vae.pt`` it was trained against, and
+    ``selection``: how the step was chosen (``checkpoint.BestCheckpoint.record()``)."""
     save_torch(path, {
         "format": LDM_FORMAT, "format_version": LDM_VERSION,
         "model_state": model_state, "ema_state": ema_state,
@@ -343,7 +345,7 @@ def save_ldm(path: str | os.PathLike, *, model_state: dict, ema_state: dict, set
         "grid_affine": np.asarray(grid_affine, dtype=np.float64).tolist(),
         "grid_shape": [int(s) for s in grid_shape],
         "vae_sha256": vae_sha256, "latents_sha256": latents_sha256,
-        "step": int(step), "provenance": provenance,
+        "step": int(step), "selection": selection or {}, "provenance": provenance,
     })
 
 

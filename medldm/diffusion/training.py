@@ -3,6 +3,11 @@
 The whole latent set is read once into (device) memory; each step draws a batch by index, so the
 data path never waits on disk. Randomness is re-seeded from (seed, rank, step) at every step: a
 resumed run continues exactly as an uninterrupted one, and DDP ranks draw different batches.
+
+Model selection: ldm.pt holds the weights (raw and EMA) of the validation with the best
+``train.select`` metric, and training stops after ``train.patience`` validations without a better
+one; that state is part of every checkpoint. Every ``train.sample_every`` steps a few fixed-seed
+samples of the EMA model are decoded to a PNG montage (run_dir/samples/, and TensorBoard).
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from medldm.checkpoint import Checkpoints, StopFlag, claim_run_dir
+from medldm.autoencoder import networks as ae
+from medldm.checkpoint import BestCheckpoint, Checkpoints, StopFlag, claim_run_dir
 from medldm.data.h5layout import Header, open_latents
 from medldm.diffusion import process as diffusion
 from medldm.diffusion.backbones import build_diffusion_model, check_latent_shape
 from medldm.diffusion.ema import EMA
 from medldm.errors import EXIT_INTERRUPTED, InputError
 from medldm.provenance import check_autoencoder, code_version, config_hash, sha256_file
+from medldm.report.montage import save_montage
 from medldm.runtime import (
     MetricsLog,
     autocast,
@@ -39,7 +46,9 @@ from medldm.runtime import (
 log = logging.getLogger(__name__)
 
 # train settings a run may change and still resume (more steps continue it, as more epochs do a VAE's)
-_RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_every", "compile")
+# (patience too: a run stopped early continues when it grows; live samples change no weights)
+_RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_every", "compile", "patience",
+              "sample_every", "sample_volumes", "sample_steps")
 _VAL_SAMPLES = 64  # latents (with repeats) per validation loss, so the curve is not too noisy
 
 
@@ -107,13 +116,17 @@ class Trainer:
         settings: an ``ldm`` config entry (``model``, ``strategy``, ``train``; keys as in the schema).
         latents_path: the autoencoder's latents HDF5; vae_path: its ``vae.pt`` (checked against the
             sha256 the latents file records).
-        run_dir: checkpoints, metrics.csv, tensorboard (not a workflow output); out_path: ``ldm.pt``.
+        run_dir: checkpoints, metrics.csv, tensorboard, live samples (not a workflow output);
+            out_path: ``ldm.pt``.
         stop: polled once per step (a ``StopFlag``); when true the run checkpoints and returns.
+        decoding: the autoencoder's ``inference`` settings, for decoding live samples.
     """
 
     def __init__(self, settings: dict, latents_path, vae_path, run_dir, out_path,
-                 device: torch.device, stop: StopFlag | None = None, progress: bool = True):
+                 device: torch.device, stop: StopFlag | None = None, progress: bool = True,
+                 decoding: dict | None = None):
         self.settings, self.device, self.stop, self.progress = settings, device, stop, progress
+        self.decoding = decoding or {"batch_size": 1}
         self.cfg = settings["train"]
         self.run_dir, self.out_path = Path(run_dir), Path(out_path)
         self.rank, self.world = init_distributed()
@@ -149,6 +162,17 @@ class Trainer:
         if has_val:  # validation loss on the held-out posterior means
             val = load_latent_set(self.latents_path, ["val"])
             self.val_mu, self.val_labels = val.mu.to(self.device), val.labels.to(self.device)
+        select = cfg["select"]
+        if self.val_mu is None and select["metric"] != "last":
+            log.warning("no validation latents: ldm.pt holds the last weights (no model selection or early stop)")
+        self.best = BestCheckpoint(select["metric"] if self.val_mu is not None else "last", select["mode"],
+                                   cfg["patience"])
+        self.vae = None  # the decoder of the live samples
+        if cfg["sample_every"] and is_main_process():
+            if self.vae_path is None:
+                raise InputError("ldm train.sample_every > 0 needs the autoencoder (--vae vae.pt) to decode "
+                                 "samples; pass it, or set sample_every to 0")
+            self.vae = ae.load_vae(self.vae_path, self.device)[0]
         log.info("training on %d latents of shape %s (%d classes)", len(self.mu), self.latent_shape, self.num_classes)
 
     def _build(self) -> None:
@@ -196,6 +220,8 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if "best" in state:  # older checkpoints do not hold one
+            self.best.load_state_dict(state["best"])
         return int(state["step"])
 
     # -- the loop -------------------------------------------------------------------------------
@@ -237,6 +263,49 @@ class Trainer:
                 total += float(diffusion.diffusion_loss(model, self.strategy, x0, y, self.min_snr_gamma)) * len(x0)
         return total / len(x_all)
 
+    def _validating(self, step: int) -> bool:
+        """Whether ``step`` computes the validation loss (every rank gets the same answer)."""
+        cfg, last = self.cfg, step == self.cfg["steps"]
+        logged = step % cfg["log_every"] == 0 or last
+        return self.val_mu is not None and logged and (step % cfg["val_every"] == 0 or last)
+
+    def _select(self, step: int, val_loss: float) -> dict[str, float]:
+        """Offer this validation to the model selection (rank 0); its metrics-log columns."""
+        def weights():
+            return {"model": self.model.state_dict(), "ema": self.ema.module.state_dict()}
+
+        if self.best.update({"loss": val_loss}, weights, step=step):
+            log.info("new best: %s", self.best.describe())
+        elif self.best.exhausted:
+            log.info("early stop: %d validations without a better loss; exporting %s", self.best.since,
+                     self.best.describe())
+        return {"best/step": self.best.where["step"]}
+
+    @torch.no_grad()
+    def live_samples(self, step: int, metrics: MetricsLog | None = None) -> Path:
+        """Decode ``sample_volumes`` samples of the EMA model, the same seeds at every call (plain
+        conditional, classes in equal shares), to run_dir/samples/step-<step>.png and TensorBoard."""
+        h, cfg = self.header, self.cfg
+        ldm = diffusion.LDM(
+            model=self.ema.module, strategy=self.strategy, scale_factor=h.scale_factor,
+            latent_shape=self.latent_shape, class_names=h.class_names, label_names=h.label_names,
+            grid_affine=h.grid_affine, grid_shape=h.grid_shape, vae_sha256=self.vae_sha256,
+            latents_sha256=self.latents_sha256, settings=self.settings,
+        )
+        classes = diffusion.allocate_classes(cfg["sample_volumes"], h.class_names)
+        latents = diffusion.generate(
+            ldm, classes, sampler="ddim" if self.strategy.name == "ddpm" else "rflow", steps=cfg["sample_steps"],
+            guidance_scale=1.0, seed=cfg["seed"], batch_size=len(classes), device=self.device, progress=False,
+        )
+        images = [image for _, batch, _ in ae.decode_set(self.vae, latents, self.decoding, self.device,
+                                                         progress=False) for image in batch]
+        titles = [f"{h.class_names[c] if c >= 0 else 'sample'} {i}" for i, c in enumerate(classes)]
+        path = self.run_dir / "samples" / f"step-{step:09d}.png"
+        save_montage(path, images, titles)
+        if metrics is not None:
+            metrics.log_image("samples", path, step)
+        return path
+
     def _should_stop(self) -> bool:
         """The stop flag, agreed by all ranks at every step (under DDP: one tiny all-reduce)."""
         return stop_agreed(bool(self.stop), self.device)
@@ -251,7 +320,7 @@ class Trainer:
                    disable=None if main and self.progress else True)
         running, count, tic = torch.zeros((), device=self.device), 0, time.perf_counter()
         self.model.train()
-        while step < total:
+        while step < total and not self.best.exhausted:
             torch.manual_seed(_step_seed(cfg["seed"], self.rank, step))
             running += self._train_step()
             step, count = step + 1, count + 1
@@ -259,8 +328,9 @@ class Trainer:
             if main and (step % cfg["log_every"] == 0 or step == total):
                 loss, rate = float(running) / count, count / (time.perf_counter() - tic)
                 values = {"loss": loss, "lr": self.lr_schedule.get_last_lr()[0], "steps_per_s": rate}
-                if self.val_mu is not None and (step % cfg["val_every"] == 0 or step == total):
+                if self._validating(step):
                     values["val_loss"] = self.val_loss()
+                    values |= self._select(step, values["val_loss"])
                     self.model.train()
                 metrics.log(step, **values)
                 bar.set_postfix(loss=f"{loss:.4f}")
@@ -268,8 +338,13 @@ class Trainer:
                     log.info("step %d/%d %s", step, total, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
                 running.zero_()
                 count, tic = 0, time.perf_counter()
+            if self.vae is not None and step % cfg["sample_every"] == 0:
+                started = time.perf_counter()
+                self.live_samples(step, metrics)
+                tic += time.perf_counter() - started  # steps_per_s counts training only
             stopping = self._should_stop()
-            if main and (stopping or step % cfg["checkpoint_every"] == 0 or step == total):
+            early = self._validating(step) and stop_agreed(self.best.exhausted, self.device)
+            if main and (stopping or early or step % cfg["checkpoint_every"] == 0 or step == total):
                 self._checkpoint(step)
             if stopping:  # even at the last step: the rerun resumes there and writes ldm.pt
                 if self.world > 1:
@@ -277,6 +352,8 @@ class Trainer:
                 log.warning("stopped at step %d; checkpoint written, a rerun resumes", step)
                 bar.close()
                 return EXIT_INTERRUPTED
+            if early:
+                break
         bar.close()
         if main:
             self._save_final(step)
@@ -287,19 +364,23 @@ class Trainer:
         Checkpoints(self.run_dir).save(step, {
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
-            "lr_horizon": self.lr_horizon, "world": self.world,
+            "lr_horizon": self.lr_horizon, "world": self.world, "best": self.best.state_dict(),
         })
 
     def _save_final(self, step: int) -> None:
-        h = self.header
+        """ldm.pt with the selected weights (the last ones when nothing was validated)."""
+        h, best = self.header, self.best
+        weights = best.weights or {"model": self.model.state_dict(), "ema": self.ema.module.state_dict()}
+        selection = best.record() if best.weights else {"metric": "last", "step": step}
+        selection["steps_trained"] = step
         diffusion.save_ldm(
-            self.out_path, model_state=self.model.state_dict(), ema_state=self.ema.module.state_dict(),
+            self.out_path, model_state=weights["model"], ema_state=weights["ema"], selection=selection,
             settings=self.settings, scale_factor=h.scale_factor, latent_shape=self.latent_shape,
             class_names=h.class_names, label_names=h.label_names, grid_affine=h.grid_affine,
             grid_shape=h.grid_shape, vae_sha256=self.vae_sha256, latents_sha256=self.latents_sha256,
-            step=step, provenance={
+            step=selection["step"], provenance={
                 "config_hash": config_hash(self.settings), "code_version": code_version(),
                 "inputs_sha256": {"latents": self.latents_sha256, "vae": self.vae_sha256},
             },
         )
-        log.info("wrote %s", self.out_path)
+        log.info("wrote %s: %s", self.out_path, best.describe() if best.weights else f"step {step}")

@@ -503,6 +503,9 @@ def _training_section(inputs: dict, test, figures: Path) -> Section:
     section = Section("Training curves")
     for kind, what in (("vae", "Autoencoder"), ("ldm", "Diffusion model")):
         for name, m in inputs.get(kind, {}).items():
+            if "run_dir" in m and not m["run_dir"]:  # an imported autoencoder (vae.<name>.pretrained)
+                section.text(f"{what} {name}: imported, not trained by this workflow")
+                continue
             path = plot_curves(Path(m.get("run_dir", "")) / "metrics.csv", f"{kind} {name}",
                                figures / f"curves_{kind}_{name}.png")
             if path:
