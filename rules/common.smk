@@ -186,8 +186,9 @@ def ldm_vae_dir(wildcards):
 
 
 # Sample-set keys that only inpaint sets read: left out of a generate set's settings, so that
-# they change (and rerun) nothing there.
+# they change (and rerun) nothing there; blend_voxels is decoding's alone.
 INPAINT_SET_KEYS = ("method", "split", "draws", "repaint")
+DECODE_ONLY_SET_KEYS = ("blend_voxels",)
 
 
 def sample_set_entry(wildcards):
@@ -202,9 +203,8 @@ def sample_set_entry(wildcards):
 
 def sample_set_json(wildcards):
     entry = sample_set_entry(wildcards)
-    if entry["task"] == "generate":
-        entry = {k: v for k, v in entry.items() if k not in (*INPAINT_SET_KEYS, "task")}
-    return settings_json(entry)
+    dropped = (*INPAINT_SET_KEYS, "task") if entry["task"] == "generate" else ()
+    return settings_json({k: v for k, v in entry.items() if k not in (*dropped, *DECODE_ONLY_SET_KEYS)})
 
 
 def sample_set_inputs(wildcards):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from medldm.data.h5layout import Header, create_latents, open_latents
 from medldm.diffusion import inpainting
@@ -15,6 +16,7 @@ from medldm.diffusion.backbones import build_diffusion_model
 from medldm.diffusion.training import Trainer
 from medldm.errors import InputError
 from medldm.provenance import sha256_file
+from tests.conftest import REPO, run_snakemake
 from tests.ldm_toys import (  # noqa: F401 (one_thread is a fixture)
     CLASSES,
     SHAPE,
@@ -115,6 +117,14 @@ def test_condition_reaches_the_network():
     inside = (out * hole).sum((1, 2, 3, 4)) / (hole.sum() * SHAPE[0])
     truth = x0.mean((1, 2, 3, 4))
     assert (torch.sign(inside) == torch.sign(truth)).all(), (inside, truth)
+
+
+def test_dit3d_takes_the_condition_as_input_channels():
+    model = build_diffusion_model({"name": "dit3d", "variant": "S/2", "hidden_size": 24, "depth": 1, "num_heads": 2},
+                                  SHAPE[0], 2, cond_channels=inpainting.condition_channels(SHAPE[0]))
+    x = torch.randn(2, *SHAPE)
+    cond = inpainting.conditioning(torch.randn(2, *SHAPE), torch.ones(2, 1, *SHAPE[1:]))
+    assert model(diffusion.with_condition(x, cond), torch.tensor([3, 700]), class_labels=torch.tensor([0, 2])).shape == x.shape
 
 
 def test_inpaint_training_pairs_each_latent_with_its_own_condition(toy, tmp_path):
@@ -243,3 +253,11 @@ def test_inpaint_set_bad_input(toy, tmp_path):
     with pytest.raises(InputError, match=r"unmasked\.h5 has no mask"):
         run_sample(tmp_path, plain, vae, unmasked, method="repaint")
     assert not list(tmp_path.glob("set.h5*"))  # nothing complete-looking left
+
+
+def test_workflow_refuses_a_trained_inpaint_set_on_a_generation_model(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    config["sample_sets"]["fill"] = {"ldm": "demo", "task": "inpaint", "method": "trained"}
+    proc = run_snakemake(tmp_path, "-n", config=config, check=False)
+    assert proc.returncode != 0
+    assert "sample_sets.fill inpaints with method trained, but ldm.demo has task 'generate'" in proc.stderr + proc.stdout
