@@ -79,11 +79,13 @@ def write_inpaint_set(ldm, settings, real, header, out, run, where):
     done = inpainting.inpaint_set(ldm, real, method=require(settings, "method", where),
                                   split=require(settings, "split", where), draws=require(settings, "draws", where),
                                   repaint_settings=settings.get("repaint"), **run)
-    with h5layout.create_latents(out, len(done.latents), ldm.latent_shape, header, with_logvar=False,
-                                 mask_shape=ldm.grid_shape, with_source=True) as writer:
-        for i, latent in enumerate(done.latents):
-            writer.append(f"{done.source_ids[i]}-inp{done.draws[i]}", int(done.class_index[i]), done.splits[i],
-                          affine=done.affines[i], source_id=done.source_ids[i], mu=latent, mask=done.masks[i])
+    with h5layout.open_latents(real) as f, h5layout.create_latents(
+            out, len(done.latents), ldm.latent_shape, header, with_logvar=False, mask_shape=f.mask.shape[1:],
+            with_source=True) as writer:
+        for latent, j, k in zip(done.latents, done.source_rows, done.draws, strict=True):
+            source = f.subject_ids[j]
+            writer.append(f"{source}-inp{k}", int(f.class_index[j]), f.splits[j], affine=f.affines[j],
+                          source_id=source, mu=latent, mask=f.mask[j])
         set_stats(writer, done.latents, ldm)
     return done.latents
 

@@ -82,8 +82,10 @@ def read_masks(f: H5File, path: str | os.PathLike, rows, *, voided: bool) -> tup
             "sheet with a `mask` column (demo: set `demo.masks`); then rerun export_latents"
         )
     rows = np.asarray(rows, dtype=np.int64)
-    masks = latent_mask(f.mask[rows] if len(rows) else np.zeros((0, *f.mask.shape[1:]), np.uint8),
-                        f.mu.shape[2:])
+    grid = f.mu.shape[2:]
+    # a few full-resolution masks at a time: a whole cohort's would not fit in memory
+    masks = [latent_mask(f.mask[rows[i:i + 16]], grid) for i in range(0, len(rows), 16)]
+    masks = torch.cat(masks) if masks else torch.zeros((0, 1, *grid))
     return (torch.from_numpy(f.voided_mu[rows]) if voided else None), masks
 
 
@@ -188,15 +190,11 @@ METHODS = ("trained", "repaint")
 
 @dataclass
 class InpaintedSet:
-    """An inpaint set's latents (N, C, d, h, w) UNSCALED, and per row: the source row's subject id,
-    class index, split, affine and full-resolution mask, and the draw index."""
+    """An inpaint set's latents (N, C, d, h, w) UNSCALED, and per latent its source row (index
+    into the real latents file) and draw index."""
 
     latents: np.ndarray
-    source_ids: list[str]
-    class_index: np.ndarray
-    splits: list[str]
-    affines: np.ndarray
-    masks: np.ndarray
+    source_rows: np.ndarray
     draws: np.ndarray
 
 
@@ -221,11 +219,7 @@ def inpaint_set(ldm: LDM, real_path: str | os.PathLike, *, method: str, split: s
                              "trained on; give the latents.h5 of the ldm's own `vae`")
         rows = masked_rows(f, real_path, split)
         voided, mask = read_masks(f, real_path, rows, voided=method == "trained")
-        real = torch.from_numpy(f.mu[rows])
-        full_masks, cls = f.mask[rows], f.class_index[rows]
-        ids = [f.subject_ids[i] for i in rows]
-        splits = [f.splits[i] for i in rows]
-        affines = f.affines[rows]
+        real, cls = torch.from_numpy(f.mu[rows]), f.class_index[rows]
     each = np.repeat(np.arange(len(rows)), draws)
     sf = ldm.scale_factor
     if method == "trained":
@@ -236,6 +230,4 @@ def inpaint_set(ldm: LDM, real_path: str | os.PathLike, *, method: str, split: s
     conditioned = cls[each] if ldm.class_names else np.full(len(each), -1, dtype=np.int64)
     latents = generate(ldm, conditioned, sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed,
                        batch_size=batch_size, device=device, progress=progress, rows=inputs, reverse=reverse)
-    return InpaintedSet(latents=latents, source_ids=[ids[j] for j in each], class_index=cls[each],
-                        splits=[splits[j] for j in each], affines=affines[each], masks=full_masks[each],
-                        draws=np.tile(np.arange(draws), len(rows)))
+    return InpaintedSet(latents=latents, source_rows=rows[each], draws=np.tile(np.arange(draws), len(rows)))
