@@ -62,7 +62,7 @@ def latent_mask(mask: torch.Tensor | np.ndarray, latent_grid) -> torch.Tensor:
     A latent voxel is 1 when any image voxel of its block is masked (adaptive max-pooling, so a
     grid that does not divide evenly still gets every block covered).
     """
-    mask = torch.as_tensor(np.asarray(mask) if not torch.is_tensor(mask) else mask)
+    mask = torch.as_tensor(mask)
     return F.adaptive_max_pool3d((mask > 0).float()[:, None], tuple(int(s) for s in latent_grid))
 
 
@@ -85,8 +85,9 @@ def read_masks(f: H5File, path: str | os.PathLike, rows, *, voided: bool) -> tup
     grid = f.mu.shape[2:]
     # a few full-resolution masks at a time: a whole cohort's would not fit in memory
     masks = [latent_mask(f.mask[rows[i:i + 16]], grid) for i in range(0, len(rows), 16)]
-    masks = torch.cat(masks) if masks else torch.zeros((0, 1, *grid))
-    return (torch.from_numpy(f.voided_mu[rows]) if voided else None), masks
+    if not masks:
+        return (torch.zeros((0, *f.mu.shape[1:])) if voided else None), torch.zeros((0, 1, *grid))
+    return (torch.from_numpy(f.voided_mu[rows]) if voided else None), torch.cat(masks)
 
 
 def masked_rows(f: H5File, path, split: str) -> np.ndarray:
