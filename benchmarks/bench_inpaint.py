@@ -12,6 +12,8 @@
 The model is the demo's ``ldm`` entry of config/config.yaml (or --config / --ldm), untrained
 (speed does not depend on the weights); latents and masks are random, of --latent-shape.
 Each timing is the best of --repeats alternating runs (a shared machine only slows runs down).
+On a busy machine load swings between whole runs, so the network forward alone (the only part
+that differs: C + 1 more input channels) is also timed, alternating call by call.
 """
 
 from __future__ import annotations
@@ -49,6 +51,18 @@ def seconds(run) -> float:
     return time.perf_counter() - tic
 
 
+def forward_ratio(plain, trained, noise, cond, label, calls: int) -> float:
+    """Best forward time of the inpainting network over the plain one's, alternating call by call."""
+    t = torch.full((1,), 500, dtype=torch.long)
+    best = [float("inf"), float("inf")]
+    with torch.no_grad():
+        for _ in range(calls):
+            best[0] = min(best[0], seconds(lambda: plain(noise, t, class_labels=label)))
+            best[1] = min(best[1], seconds(lambda: trained(diffusion.with_condition(noise, cond), t,
+                                                           class_labels=label)))
+    return best[1] / best[0]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO / "config" / "config.yaml")
@@ -56,7 +70,8 @@ def main() -> int:
     parser.add_argument("--latent-shape", type=int, nargs=4, default=[3, 10, 12, 10], metavar=("C", "D", "H", "W"))
     parser.add_argument("--jump-length", type=int, default=3, help="RePaint jump_length (sampler steps)")
     parser.add_argument("--jump-n-sample", type=int, default=3, help="RePaint jump_n_sample")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each (best kept)")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each (best kept)")
+    parser.add_argument("--forward-calls", type=int, default=30, help="alternating forward calls of each network")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="JSON file for the results")
     args = parser.parse_args()
@@ -76,7 +91,9 @@ def main() -> int:
     print(f"threads {torch.get_num_threads()}, latent {shape}, model {settings['model']}", flush=True)
 
     result = {"threads": torch.get_num_threads(), "latent_shape": shape, "model": settings["model"],
-              "repaint": {"jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}}
+              "repaint": {"jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample},
+              "forward_ratio": forward_ratio(plain, trained, noise, cond, label, args.forward_calls)}
+    print(f"  network forward: inpainting / unconditional {result['forward_ratio']:.3f}", flush=True)
     for label_, (strategy_name, sampler, steps) in SAMPLERS.items():
         strategy = diffusion.build_strategy({**settings["strategy"], "name": strategy_name})
         common = {"sampler": sampler, "steps": steps, "guidance_scale": 1.0, "null_class": 0}
