@@ -119,6 +119,20 @@ def test_condition_reaches_the_network():
     assert (torch.sign(inside) == torch.sign(truth)).all(), (inside, truth)
 
 
+def test_guidance_mixes_class_passes_that_share_the_condition():
+    torch.manual_seed(0)
+    model = build_diffusion_model(TINY_UNET, SHAPE[0], 2, cond_channels=inpainting.condition_channels(SHAPE[0]))
+    for p in model.parameters():  # an untrained UNet outputs 0
+        p.data.normal_(0, 0.05)
+    x, t, labels = torch.randn(3, *SHAPE), torch.tensor([10, 500, 900]), torch.tensor([0, 1, 0])
+    cond = inpainting.conditioning(torch.randn(3, *SHAPE), (torch.rand(3, 1, *SHAPE[1:]) < 0.3).float())
+    with torch.no_grad():
+        out = diffusion.guided_prediction(model, x, t, labels, 2.0, 2, cond)
+        c = model(diffusion.with_condition(x, cond), t, class_labels=labels)
+        u = model(diffusion.with_condition(x, cond), t, class_labels=torch.full_like(labels, 2))
+    torch.testing.assert_close(out, u + 2.0 * (c - u))
+
+
 def test_dit3d_takes_the_condition_as_input_channels():
     model = build_diffusion_model({"name": "dit3d", "variant": "S/2", "hidden_size": 24, "depth": 1, "num_heads": 2},
                                   SHAPE[0], 2, cond_channels=inpainting.condition_channels(SHAPE[0]))
