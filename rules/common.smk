@@ -200,14 +200,41 @@ def ldm_vae_dir(wildcards):
     return f"{RESULTS}/vae/{vae}"
 
 
-def sample_set_json(wildcards):
-    """The settings of sample set {sample_set}, which must belong to ldm {ldm}."""
+# Sample-set keys that only inpaint sets read: left out of a generate set's settings, so that
+# they change (and rerun) nothing there; blend_voxels is decoding's alone.
+INPAINT_SET_KEYS = ("method", "split", "draws", "repaint")
+DECODE_ONLY_SET_KEYS = ("blend_voxels",)
+
+
+def sample_set_entry(wildcards):
+    """The config entry of sample set {sample_set}, which must belong to ldm {ldm}."""
     entry = config["sample_sets"].get(wildcards.sample_set)
     if entry is None or entry["ldm"] != wildcards.ldm:
         raise WorkflowError(
             f"no sample set {wildcards.sample_set!r} of ldm {wildcards.ldm!r} in config `sample_sets`"
         )
-    return settings_json(entry)
+    return entry
+
+
+def sample_set_json(wildcards):
+    entry = sample_set_entry(wildcards)
+    dropped = (*INPAINT_SET_KEYS, "task") if entry["task"] == "generate" else ()
+    return settings_json({k: v for k, v in entry.items() if k not in (*dropped, *DECODE_ONLY_SET_KEYS)})
+
+
+def sample_set_inputs(wildcards):
+    """The ldm and the vae.pt of a sample set, and for an inpaint set the real latents (with masks)."""
+    inputs = {
+        "ldm": f"{RESULTS}/ldm/{wildcards.ldm}/ldm.pt",
+        "vae": f"{ldm_vae_dir(wildcards)}/vae.pt",
+    }
+    if sample_set_entry(wildcards)["task"] == "inpaint":
+        inputs["real"] = f"{ldm_vae_dir(wildcards)}/latents.h5"
+    return inputs
+
+
+def real_latents_arg(wildcards, input):
+    return f"--real {shlex.quote(input.real)}" if "real" in input.keys() else ""
 
 
 def check_models():
@@ -221,6 +248,11 @@ def check_models():
             )
     for name, entry in config["sample_sets"].items():
         ldm = config["ldm"].get(entry["ldm"])
+        if ldm is not None and entry["task"] == "inpaint" and entry["method"] == "trained" and ldm["task"] != "inpaint":
+            raise WorkflowError(
+                f"config: sample_sets.{name} inpaints with method trained, but ldm.{entry['ldm']} has "
+                f"task {ldm['task']!r}: set its method to repaint, or name an ldm with task: inpaint"
+            )
         if ldm is None or not config["classes"] or entry["guidance_scale"] == 1:
             continue
         if ldm["train"]["class_dropout"] == 0:

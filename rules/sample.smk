@@ -1,12 +1,12 @@
 # Named sample sets: results/synthetic/<ldm>/<set>/latents.h5 (unscaled latents, ready to decode).
 # A set's job depends only on its own settings and the trained models, so adding a set to the
-# config never reruns training.
+# config never reruns training. An inpaint set also reads its autoencoder's latents (the real rows
+# and their masks).
 
 
 rule sample:
     input:
-        ldm=f"{RESULTS}/ldm/{{ldm}}/ldm.pt",
-        vae=lambda wc: f"{ldm_vae_dir(wc)}/vae.pt",
+        unpack(sample_set_inputs),
     output:
         f"{RESULTS}/synthetic/{{ldm}}/{{sample_set}}/latents.h5",
     log:
@@ -18,8 +18,9 @@ rule sample:
         **rule_resources("sample"),
     params:
         settings=sample_set_json,
+        real=real_latents_arg,
     shell:
-        "python -m workflow_scripts.sample --ldm {input.ldm:q} --vae {input.vae:q}"
+        "python -m workflow_scripts.sample --ldm {input.ldm:q} --vae {input.vae:q} {params.real}"
         " --settings {params.settings:q} --name {wildcards.sample_set} --out {output:q} > {log} 2>&1"
 
 

@@ -24,27 +24,28 @@ UNET_DEFAULTS = {
 }
 
 
-def _unet(settings: dict, in_channels: int, num_classes: int) -> nn.Module:
+def _unet(settings: dict, in_channels: int, num_classes: int, cond_channels: int = 0) -> nn.Module:
     kwargs = {**UNET_DEFAULTS, **settings}
     return DiffusionModelUNet(
         spatial_dims=3,
-        in_channels=in_channels,
+        in_channels=in_channels + cond_channels,
         out_channels=in_channels,
         num_class_embeds=num_classes + 1,
         **kwargs,
     )
 
 
-def _dit3d(settings: dict, in_channels: int, num_classes: int) -> nn.Module:
+def _dit3d(settings: dict, in_channels: int, num_classes: int, cond_channels: int = 0) -> nn.Module:
     kwargs = dict(settings)
     variant = kwargs.pop("variant", "S/2")
-    return build_dit3d(variant, in_channels, num_classes, **kwargs)  # adds the null class itself
+    # adds the null class itself
+    return build_dit3d(variant, in_channels, num_classes, cond_channels=cond_channels, **kwargs)
 
 
-BUILDERS: dict[str, Callable[[dict, int, int], nn.Module]] = {"unet": _unet, "dit3d": _dit3d}
+BUILDERS: dict[str, Callable[..., nn.Module]] = {"unet": _unet, "dit3d": _dit3d}
 
 
-def build_diffusion_model(settings: dict, in_channels: int, num_classes: int) -> nn.Module:
+def build_diffusion_model(settings: dict, in_channels: int, num_classes: int, cond_channels: int = 0) -> nn.Module:
     """Build the backbone named by ``settings["name"]`` (default ``unet``).
 
     Args:
@@ -52,13 +53,14 @@ def build_diffusion_model(settings: dict, in_channels: int, num_classes: int) ->
             own arguments (``DiffusionModelUNet`` keywords, or ``build_dit3d`` ones with ``variant``).
         in_channels: latent channels C (also the output channels).
         num_classes: number of real classes K; label K is the null (unconditional) class.
+        cond_channels: extra input channels appended to the latent (an inpainting model's condition).
     """
     kwargs = dict(settings)
     name = kwargs.pop("name", "unet")
     if name not in BUILDERS:
         raise InputError(f"ldm model name {name!r} is unknown; choose one of {sorted(BUILDERS)}")
     try:
-        return BUILDERS[name](kwargs, in_channels, num_classes)
+        return BUILDERS[name](kwargs, in_channels, num_classes, cond_channels)
     except (TypeError, ValueError) as err:
         raise InputError(f"ldm model settings {settings}: {err}") from None
 

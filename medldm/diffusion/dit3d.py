@@ -180,6 +180,8 @@ class DiT3D(nn.Module):
             then only accepts latents of that spatial shape.
         input_size: (D, H, W) latent shape, only used with ``learn_pos_embed``.
         gradient_checkpointing: recompute blocks in the backward pass while training, to save memory.
+        cond_channels: extra input channels after the latent's (an inpainting condition); the
+            output keeps ``in_channels``.
     """
 
     def __init__(
@@ -196,6 +198,7 @@ class DiT3D(nn.Module):
         learn_pos_embed: bool = False,
         input_size: Sequence[int] | None = None,
         gradient_checkpointing: bool = False,
+        cond_channels: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -229,7 +232,7 @@ class DiT3D(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
 
         self.patch_embed = nn.Conv3d(
-            in_channels, hidden_size, self.patch_size, stride=self.patch_size
+            in_channels + cond_channels, hidden_size, self.patch_size, stride=self.patch_size
         )
         self.pos_embed = self._learned_pos_embed(input_size) if learn_pos_embed else None
         self.t_embed = nn.Sequential(
@@ -278,7 +281,7 @@ class DiT3D(nn.Module):
         """Predict noise (or velocity) for a noisy latent.
 
         Args:
-            x: (B, C, D, H, W) noisy latent, any D, H, W.
+            x: (B, C + cond_channels, D, H, W) noisy latent (and condition), any D, H, W.
             timesteps: (B,) or (1,) int or float times in [0, num_train_timesteps); (1,) is broadcast,
                 as MONAI ``DiffusionInferer.sample`` passes it.
             context: unsupported (no cross-attention); must be None. Kept for the MONAI signature.

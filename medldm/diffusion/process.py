@@ -139,12 +139,18 @@ def drop_labels(labels: torch.Tensor, p: float, null_class: int) -> torch.Tensor
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 
+def with_condition(x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """The network input: x, with the (B, K, D, H, W) condition channels appended when given."""
+    return x if cond is None else torch.cat([x, cond.to(x.dtype)], dim=1)
+
+
 def diffusion_loss(model: nn.Module, strategy: Strategy, x0: torch.Tensor, labels: torch.Tensor,
-                   min_snr_gamma: float | None = None) -> torch.Tensor:
+                   min_snr_gamma: float | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of the network's prediction at random timesteps.
 
     Args:
         x0: (B, C, D, H, W) scaled latents; labels: (B,) long class labels (null included).
+        cond: (B, K, D, H, W) extra input channels (an inpainting model's condition), or None.
         min_snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023): each sample's loss is weighted by
             min(SNR, gamma) times how its output error reaches x0, i.e. as an x0 loss clipped at
             gamma. None: unweighted.
@@ -154,7 +160,7 @@ def diffusion_loss(model: nn.Module, strategy: Strategy, x0: torch.Tensor, label
     noise = torch.randn_like(x0)
     t = strategy.sample_timesteps(x0)
     x_t, target = strategy.noisy_and_target(x0, noise, t)
-    pred = model(x_t, t, class_labels=labels)
+    pred = model(with_condition(x_t, cond), t, class_labels=labels)
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
     if min_snr_gamma is not None:
         snr, gain = strategy.snr_and_x0_gain(t)
@@ -163,13 +169,14 @@ def diffusion_loss(model: nn.Module, strategy: Strategy, x0: torch.Tensor, label
 
 
 def guided_prediction(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                      scale: float, null_class: int) -> torch.Tensor:
+                      scale: float, null_class: int, cond: torch.Tensor | None = None) -> torch.Tensor:
     """Classifier-free guided output ``uncond + scale * (cond - uncond)``, shape of x (float32).
 
     Scale 1 needs one forward pass, scale 0 one unconditional pass, else one pass over the
-    doubled batch.
+    doubled batch. ``cond`` (extra input channels) is given to both passes: guidance is over the class.
     """
     null = torch.full_like(labels, null_class)
+    x = with_condition(x, cond)
     if scale == 1:
         return model(x, t, class_labels=labels).float()
     if scale == 0:
@@ -187,7 +194,7 @@ class _Plan:
     step: Callable[[torch.Tensor, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _plan(strategy: Strategy, sampler: str, steps: int, generator: torch.Generator | None) -> _Plan:
+def sampling_plan(strategy: Strategy, sampler: str, steps: int, generator: torch.Generator | None) -> _Plan:
     if sampler not in SAMPLERS:
         raise InputError(f"sampler {sampler!r} is unknown; choose one of {sorted(SAMPLERS)}")
     if SAMPLERS[sampler] != strategy.name:
@@ -220,23 +227,25 @@ def _plan(strategy: Strategy, sampler: str, steps: int, generator: torch.Generat
 @torch.no_grad()
 def sample(model: nn.Module, strategy: Strategy, noise: torch.Tensor, labels: torch.Tensor, *,
            sampler: str, steps: int, guidance_scale: float, null_class: int,
-           generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+           generator: torch.Generator | None = None, progress: bool = False,
+           cond: torch.Tensor | None = None) -> torch.Tensor:
     """Run the reverse process from ``noise``.
 
     Args:
         noise: (B, C, D, H, W) standard normal start; labels: (B,) long (``null_class`` = none).
         sampler: ``ddpm`` (ancestral, all T steps), ``ddim`` (deterministic) or ``rflow`` (Euler).
         generator: for the ddpm sampler's per-step noise (on noise's device).
+        cond: (B, K, D, H, W) extra input channels of a model trained with them, or None.
     Returns:
         (B, C, D, H, W) scaled latents: the final clean prediction x0.
     """
-    plan = _plan(strategy, sampler, steps, generator)
+    plan = sampling_plan(strategy, sampler, steps, generator)
     if bool((labels == null_class).all()):  # unconditional: guidance has nothing to mix
         guidance_scale = 1.0
     x, x0 = noise, noise
     for i, t in enumerate(tqdm(plan.timesteps, desc=sampler, disable=None if progress else True, leave=False)):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        out = guided_prediction(model, x, tt, labels, guidance_scale, null_class)
+        out = guided_prediction(model, x, tt, labels, guidance_scale, null_class, cond)
         x, x0 = plan.step(out, i, x)
     return x0
 
@@ -282,23 +291,29 @@ def _seed(*parts: int) -> int:
 
 
 def generate(ldm: LDM, class_index: np.ndarray, *, sampler: str, steps: int, guidance_scale: float,
-             seed: int, batch_size: int, device: torch.device, progress: bool = True) -> np.ndarray:
+             seed: int, batch_size: int, device: torch.device, progress: bool = True,
+             rows: dict[str, torch.Tensor] | None = None, reverse: Callable = sample) -> np.ndarray:
     """Sample one latent per entry of ``class_index`` (-1: no class).
 
     Volume i starts from noise seeded by (seed, i); the ddpm sampler's step noise is seeded by
     (seed, first index of the batch, 1). Returns (N, C, d, h, w) float32 UNSCALED latents (divided by
     the scale factor once), ready for the decoder.
+    ``rows``: per-volume inputs of ``reverse`` (name -> (N, ...) tensor, e.g. an inpainting
+    ``cond``), sliced per batch and passed as keywords; ``reverse``: the reverse process, ``sample``
+    or one with its signature (``medldm.diffusion.inpainting.repaint``).
     """
+    rows = rows or {}
     labels = torch.from_numpy(np.where(class_index < 0, ldm.null_class, class_index)).long()
     out = []
     for start in tqdm(range(0, len(labels), batch_size), desc="batches", disable=None if progress else True):
         idx = range(start, min(start + batch_size, len(labels)))
         noise = start_noise(ldm.latent_shape, seed, idx).to(device)
         generator = torch.Generator(device).manual_seed(_seed(seed, start, 1))  # not a start-noise seed
+        batch = {name: value[start:idx.stop].to(device) for name, value in rows.items()}
         with autocast(device):
-            x = sample(ldm.model, ldm.strategy, noise, labels[start:idx.stop].to(device), sampler=sampler,
-                       steps=steps, guidance_scale=guidance_scale, null_class=ldm.null_class,
-                       generator=generator, progress=progress)
+            x = reverse(ldm.model, ldm.strategy, noise, labels[start:idx.stop].to(device), sampler=sampler,
+                        steps=steps, guidance_scale=guidance_scale, null_class=ldm.null_class,
+                        generator=generator, progress=progress, **batch)
         out.append((x.float() / ldm.scale_factor).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, *ldm.latent_shape), np.float32)
 
@@ -323,6 +338,8 @@ class LDM:
     vae_sha256: str
     latents_sha256: str
     settings: dict
+    task: str = "generate"  # or "inpaint": the network also takes a condition (medldm.diffusion.inpainting)
+    conditioning: dict | None = None  # an inpainting model's condition: channels and how they were made
 
     @property
     def null_class(self) -> int:
@@ -332,10 +349,11 @@ class LDM:
 def save_ldm(path: str | os.PathLike, *, model_state: dict, ema_state: dict, settings: dict,
              scale_factor: float, latent_shape, class_names, label_names, grid_affine, grid_shape,
              vae_sha256: str, latents_sha256: str, step: int, provenance: dict,
-             selection: dict | None = None) -> None:
+             selection: dict | None = None, task: str = "generate", conditioning: dict | None = None) -> None:
     """Write ``ldm.pt`` atomically: raw and EMA weights (of ``step``), architecture, strategy, latent
-    geometry, the sha256 of the latents file and of the ``vae.pt`` it was trained against, and
-    ``selection``: how the step was chosen (``checkpoint.BestCheckpoint.record()``)."""
+    geometry, the task (``generate`` or ``inpaint`` with its ``conditioning``), the sha256 of the
+    latents file and of the ``vae.pt`` it was trained against, and ``selection``: how the step was
+    chosen (``checkpoint.BestCheckpoint.record()``)."""
     save_torch(path, {
         "format": LDM_FORMAT, "format_version": LDM_VERSION,
         "model_state": model_state, "ema_state": ema_state,
@@ -346,6 +364,7 @@ def save_ldm(path: str | os.PathLike, *, model_state: dict, ema_state: dict, set
         "grid_shape": [int(s) for s in grid_shape],
         "vae_sha256": vae_sha256, "latents_sha256": latents_sha256,
         "step": int(step), "selection": selection or {}, "provenance": provenance,
+        "task": task, "conditioning": conditioning,
     })
 
 
@@ -358,7 +377,9 @@ def load_ldm(path: str | os.PathLike, vae_path: str | os.PathLike | None = None,
         check_autoencoder(vae_path, payload["vae_sha256"], path, "decode with the autoencoder the model was "
                           "trained against, or retrain the ldm on this autoencoder's latents")
     shape = tuple(payload["latent_shape"])
-    model = build_diffusion_model(payload["model"], shape[0], len(payload["class_names"]))
+    conditioning = payload.get("conditioning")  # files from before inpainting have neither key
+    model = build_diffusion_model(payload["model"], shape[0], len(payload["class_names"]),
+                                  cond_channels=conditioning["channels"] if conditioning else 0)
     model.load_state_dict(payload["ema_state"])
     model.to(device).eval()
     return LDM(
@@ -367,5 +388,5 @@ def load_ldm(path: str | os.PathLike, vae_path: str | os.PathLike | None = None,
         class_names=payload["class_names"], label_names=payload["label_names"],
         grid_affine=np.asarray(payload["grid_affine"]), grid_shape=tuple(payload["grid_shape"]),
         vae_sha256=payload["vae_sha256"], latents_sha256=payload["latents_sha256"],
-        settings=payload["settings"],
+        settings=payload["settings"], task=payload.get("task", "generate"), conditioning=conditioning,
     )

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from medldm.autoencoder import networks as ae
 from medldm.checkpoint import BestCheckpoint, Checkpoints, StopFlag, claim_run_dir
 from medldm.data.h5layout import Header, open_latents
+from medldm.diffusion import inpainting
 from medldm.diffusion import process as diffusion
 from medldm.diffusion.backbones import build_diffusion_model, check_latent_shape
 from medldm.diffusion.ema import EMA
@@ -57,25 +58,36 @@ class LatentSet:
     """Latents of the chosen splits, unscaled, in memory.
 
     mu, std: (N, C, d, h, w) float32 posterior mean and std (std None unless posterior sampling);
-    labels: (N,) long class labels, the null class (K) where the file has no class.
+    labels: (N,) long class labels, the null class (K) where the file has no class;
+    voided, mask: (N, C, d, h, w) voided-image latents (unscaled) and (N, 1, d, h, w) latent-grid
+    masks, for an inpainting model (else None).
     """
 
     mu: torch.Tensor
     std: torch.Tensor | None
     labels: torch.Tensor
     header: Header
+    voided: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.header.class_names)
 
 
-def load_latent_set(path: str | os.PathLike, splits, posterior: bool = False) -> LatentSet:
-    """Read the rows of ``splits`` from a latents HDF5 file (via ``medldm.data.h5layout``)."""
+def load_latent_set(path: str | os.PathLike, splits, posterior: bool = False, inpaint: bool = False) -> LatentSet:
+    """Read the rows of ``splits`` from a latents HDF5 file (via ``medldm.data.h5layout``); with
+    ``inpaint``, only rows with a non-empty mask, and their voided latents and masks."""
     with open_latents(path) as f:
         idx = np.sort(np.concatenate([f.indices(s) for s in splits]))
+        voided = mask = None
+        if inpaint:
+            voided, mask = inpainting.read_masks(f, path, idx, voided=True)
+            filled = mask.flatten(1).any(1).numpy()
+            idx, voided, mask = idx[filled], voided[filled], mask[filled]
         if len(idx) == 0:
-            raise InputError(f"{path}: no latents in split(s) {list(splits)}; check the ldm train `splits`")
+            raise InputError(f"{path}: no latents{' with masks' if inpaint else ''} in split(s) {list(splits)}; "
+                             "check the ldm train `splits`")
         if posterior and f.logvar is None:
             raise InputError(f"{path} has no logvar: set ldm train latent_sampling to 'mean'")
         mu = torch.from_numpy(f.mu[idx])
@@ -85,7 +97,7 @@ def load_latent_set(path: str | os.PathLike, splits, posterior: bool = False) ->
         if cls.max(initial=-1) >= k:
             raise InputError(f"{path}: class index {cls.max()} but only {k} class names")
         labels = torch.from_numpy(np.where(cls < 0, k, cls)).long()
-        return LatentSet(mu=mu, std=std, labels=labels, header=f.header)
+        return LatentSet(mu=mu, std=std, labels=labels, header=f.header, voided=voided, mask=mask)
 
 
 def batch_weights(labels: torch.Tensor, balance: bool) -> torch.Tensor:
@@ -97,11 +109,13 @@ def batch_weights(labels: torch.Tensor, balance: bool) -> torch.Tensor:
 
 
 def run_key(settings: dict, latents_sha256: str) -> str:
-    """Identity of a training run: model, strategy, train settings (bar the resumable ones), data."""
+    """Identity of a training run: model, strategy, train settings (bar the resumable ones), data,
+    and the task when it is not the default (so generation runs keep their keys)."""
+    task = settings.get("task", "generate")
     return config_hash({
         "model": settings["model"], "strategy": settings["strategy"],
         "train": {k: v for k, v in settings["train"].items() if k not in _RESUMABLE},
-        "latents_sha256": latents_sha256,
+        "latents_sha256": latents_sha256, **({"task": task} if task != "generate" else {}),
     })
 
 
@@ -140,7 +154,11 @@ class Trainer:
         mode = cfg["latent_sampling"]
         if mode not in ("mean", "posterior"):
             raise InputError(f"ldm train latent_sampling {mode!r} must be 'mean' or 'posterior'")
-        data = load_latent_set(self.latents_path, cfg["splits"], posterior=mode == "posterior")
+        self.task = self.settings.get("task", "generate")
+        if self.task not in inpainting.TASKS:
+            raise InputError(f"ldm task {self.task!r} is unknown; choose one of {list(inpainting.TASKS)}")
+        inpaint = self.task == "inpaint"
+        data = load_latent_set(self.latents_path, cfg["splits"], posterior=mode == "posterior", inpaint=inpaint)
         self.header = data.header
         if not data.header.scale_factor or data.header.scale_factor <= 0:
             raise InputError(f"{self.latents_path}: scale_factor {data.header.scale_factor} is not positive")
@@ -155,32 +173,46 @@ class Trainer:
         self.mu = data.mu.to(self.device)
         self.std = None if data.std is None else data.std.to(self.device)
         self.labels = data.labels.to(self.device)
+        self.cond = self._condition(data)
         self.weights = batch_weights(data.labels, cfg["balance_classes"]).to(self.device)
-        with open_latents(self.latents_path) as f:
-            has_val = "val" in f.splits and "val" not in cfg["splits"]
-        self.val_mu = self.val_labels = None
+        with open_latents(self.latents_path) as f:  # val rows (with masks, for inpainting) not trained on
+            val_rows = f.indices("val") if "val" not in cfg["splits"] else []
+            has_val = any(not inpaint or f.mask[int(i)].any() for i in val_rows)
+        self.val_mu = self.val_labels = self.val_cond = None
         if has_val:  # validation loss on the held-out posterior means
-            val = load_latent_set(self.latents_path, ["val"])
+            val = load_latent_set(self.latents_path, ["val"], inpaint=inpaint)
             self.val_mu, self.val_labels = val.mu.to(self.device), val.labels.to(self.device)
+            self.val_cond = self._condition(val)
         select = cfg["select"]
         if self.val_mu is None and select["metric"] != "last":
             log.warning("no validation latents: ldm.pt holds the last weights (no model selection or early stop)")
         self.best = BestCheckpoint(select["metric"] if self.val_mu is not None else "last", select["mode"],
                                    cfg["patience"])
         self.vae = None  # the decoder of the live samples
-        if cfg["sample_every"] and is_main_process():
+        if cfg["sample_every"] and self.cond is not None:
+            log.warning("train.sample_every: live samples are drawn for generation models only; "
+                        "this inpainting model shows none")
+        elif cfg["sample_every"] and is_main_process():
             if self.vae_path is None:
                 raise InputError("ldm train.sample_every > 0 needs the autoencoder (--vae vae.pt) to decode "
                                  "samples; pass it, or set sample_every to 0")
             self.vae = ae.load_vae(self.vae_path, self.device)[0]
         log.info("training on %d latents of shape %s (%d classes)", len(self.mu), self.latent_shape, self.num_classes)
 
+    def _condition(self, data: LatentSet) -> torch.Tensor | None:
+        """An inpainting model's (N, C + 1, d, h, w) condition for every row (scaled), else None."""
+        if data.voided is None:
+            return None
+        return inpainting.conditioning(data.voided * self.header.scale_factor, data.mask).to(self.device)
+
     def _build(self) -> None:
         cfg = self.cfg
         seed_everything(cfg["seed"])
         self.strategy = diffusion.build_strategy(self.settings["strategy"])
         self.min_snr_gamma = self.settings["strategy"].get("min_snr_gamma")
-        self.model = build_diffusion_model(self.settings["model"], self.latent_shape[0], self.num_classes)
+        self.conditioning = inpainting.conditioning_record(self.latent_shape[0]) if self.cond is not None else None
+        self.model = build_diffusion_model(self.settings["model"], self.latent_shape[0], self.num_classes,
+                                           cond_channels=self.conditioning["channels"] if self.conditioning else 0)
         self.model.to(self.device)
         self.ema = EMA(self.model, cfg["ema_decay"])
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"],
@@ -225,20 +257,22 @@ class Trainer:
         return int(state["step"])
 
     # -- the loop -------------------------------------------------------------------------------
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (B, C, d, h, w) batch of scaled latents and its (B,) labels, class-dropout applied."""
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A (B, C, d, h, w) batch of scaled latents, its (B,) labels (class-dropout applied) and
+        its condition (None unless inpainting)."""
         # drawn on the device: a host-to-GPU copy every step would stall the GPU queue
         idx = torch.multinomial(self.weights, self.cfg["batch_size"], replacement=True)
         x0 = self.mu[idx]
         if self.std is not None:
             x0 = x0 + self.std[idx] * torch.randn_like(x0)
         labels = diffusion.drop_labels(self.labels[idx], self.cfg["class_dropout"], self.null_class)
-        return x0 * self.header.scale_factor, labels
+        cond = None if self.cond is None else self.cond[idx]
+        return x0 * self.header.scale_factor, labels, cond
 
     def _train_step(self) -> torch.Tensor:
-        x0, labels = self._batch()
+        x0, labels, cond = self._batch()
         with autocast(self.device, self.cfg["bf16"]):
-            loss = diffusion.diffusion_loss(self.net, self.strategy, x0, labels, self.min_snr_gamma)
+            loss = diffusion.diffusion_loss(self.net, self.strategy, x0, labels, self.min_snr_gamma, cond)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg["grad_clip"]:
@@ -256,11 +290,13 @@ class Trainer:
         bs, n = self.cfg["batch_size"], len(self.val_mu)
         x_all = self.val_mu.repeat(math.ceil(_VAL_SAMPLES / n), 1, 1, 1, 1) * self.header.scale_factor
         y_all = self.val_labels.repeat(math.ceil(_VAL_SAMPLES / n))
+        c_all = None if self.val_cond is None else self.val_cond.repeat(math.ceil(_VAL_SAMPLES / n), 1, 1, 1, 1)
         total = 0.0
         for i in range(0, len(x_all), bs):
             x0, y = x_all[i:i + bs], y_all[i:i + bs]
+            c = None if c_all is None else c_all[i:i + bs]
             with autocast(self.device, self.cfg["bf16"]):
-                total += float(diffusion.diffusion_loss(model, self.strategy, x0, y, self.min_snr_gamma)) * len(x0)
+                total += float(diffusion.diffusion_loss(model, self.strategy, x0, y, self.min_snr_gamma, c)) * len(x0)
         return total / len(x_all)
 
     def _validating(self, step: int) -> bool:
@@ -378,7 +414,7 @@ class Trainer:
             settings=self.settings, scale_factor=h.scale_factor, latent_shape=self.latent_shape,
             class_names=h.class_names, label_names=h.label_names, grid_affine=h.grid_affine,
             grid_shape=h.grid_shape, vae_sha256=self.vae_sha256, latents_sha256=self.latents_sha256,
-            step=selection["step"], provenance={
+            step=selection["step"], task=self.task, conditioning=self.conditioning, provenance={
                 "config_hash": config_hash(self.settings), "code_version": code_version(),
                 "inputs_sha256": {"latents": self.latents_sha256, "vae": self.vae_sha256},
             },
