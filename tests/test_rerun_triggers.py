@@ -34,8 +34,8 @@ def _plan(tiny_run, config, tmp_path) -> dict[str, int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path, value", [
-    ("vae.demo.inference.sw_roi_size", [4, 4, 4]),   # decoding only
-    ("vae.demo.inference.batch_size", 1),
+    ("vae.demo.inference.batch_size", 1),            # how many volumes at once
+    ("vae.demo.inference.sw_batch_size", 2),
     ("vae.demo.train.val_every", 5),                 # how a run proceeds, not what it learns
     ("vae.demo.train.checkpoint_every", 5),
     ("ldm.demo.train.log_every", 5),

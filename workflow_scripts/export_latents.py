@@ -28,11 +28,13 @@ def main(argv=None) -> int:
     parser.add_argument("--vae", required=True, type=Path, help="vae.pt from train_vae")
     parser.add_argument("--manifest", required=True, type=Path, help="results/prepared/manifest.tsv")
     parser.add_argument("--settings", required=True, help="the vae's inference section (JSON or YAML file)")
+    parser.add_argument("--batching", help="inference batch sizes overriding --settings' (JSON; the workflow "
+                        "passes them apart as they do not change the latents)")
     parser.add_argument("--out", required=True, type=Path, help="latents.h5 to write")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     setup_logging()
-    inference = load_settings(args.settings)
+    inference = load_settings(args.settings) | (load_settings(args.batching) if args.batching else {})
     device = pick_device(args.device)
     net, vae = ae.load_vae(args.vae, device)
     paired = vae["settings"]["paired_labels"]
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
                                  label_shape=None if data.labels is None else data.shape) as writer:
         labels = data.labels if paired else None
         for start, mu, logvar in ae.encode_set(net, data.images, labels, len(vae["labels"]), device,
-                                               inference["batch_size"]):
+                                               inference):
             for j in range(len(mu)):
                 i = start + j
                 label = None if data.labels is None else data.labels[i].numpy()
