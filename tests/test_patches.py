@@ -3,6 +3,9 @@ sliding-window encoding and decoding of whole volumes."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +15,10 @@ from medldm.autoencoder import networks as ae
 from medldm.autoencoder.patches import check_patches, crop_batch, patch_size_at, random_crops
 from medldm.autoencoder.training import VAETrainer
 from medldm.checkpoint import Checkpoints
+from medldm.data import h5layout
 from medldm.errors import InputError
-from tests.vae_toys import LABELS, single_thread, toy_set, vae_settings  # noqa: F401
+from tests.vae_toys import LABELS, single_thread, toy_set, vae_settings, write_prepared  # noqa: F401
+from workflow_scripts import export_latents, train_vae
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CPU = torch.device("cpu")
@@ -166,3 +171,28 @@ def test_patch_training_resumes_exactly_and_validates_by_windows(tmp_path):
 
 
 SEAM_PSNR_FLOOR = 20.0  # a random toy net; the demo autoencoder: benchmarks/bench_patches.py
+
+
+def test_scripts_train_on_patches_and_export_by_windows(tmp_path):
+    data = toy_set(4, shape=(16, 16, 16), splits=["train", "train", "val", "test"])
+    manifest = write_prepared(tmp_path / "prepared", data)
+    settings = vae_settings(train={"epochs": 1, "patch_size": [8, 8, 8]})
+    windows = {"roi_size": [8, 8, 8], "overlap": 0.5, "mode": "gaussian"}
+    out = tmp_path / "vae.pt"
+    assert train_vae.main([
+        "--settings", json.dumps(settings), "--inference", json.dumps(windows), "--prepare", "{}",
+        "--manifest", str(manifest), "--classes", "HC,TLE", "--run-dir", str(tmp_path / "run"), "--out", str(out),
+    ]) == 0
+    latents = tmp_path / "latents.h5"
+    assert export_latents.main(["--vae", str(out), "--manifest", str(manifest), "--settings", json.dumps(windows),
+                                "--batching", json.dumps({"batch_size": 3}), "--out", str(latents)]) == 0
+    net, _ = ae.load_vae(out)
+    mu, _ = ae.make_encoder(net, windows, (16, 16, 16))(data.images)
+    with h5layout.open_latents(latents) as lat:
+        assert np.allclose(lat.mu[:], mu.numpy(), atol=1e-5)
+
+    bad = tmp_path / "bad.h5"
+    with pytest.raises(InputError, match="inference.roi_size"):
+        export_latents.main(["--vae", str(out), "--manifest", str(manifest), "--settings",
+                             json.dumps({"roi_size": [5, 8, 8], "batch_size": 2}), "--out", str(bad)])
+    assert not bad.exists()
