@@ -247,7 +247,10 @@ INFERENCE_BATCHING = ("batch_size", "sw_batch_size")
 
 
 def inference_windows(entry):
-    """A vae entry's inference settings that change what it encodes: the sliding windows."""
+    """A vae entry's inference settings that change what it encodes: the sliding windows (none
+    without roi_size: overlap and mode then change nothing)."""
+    if not entry["inference"]["roi_size"]:
+        return {}
     return {k: v for k, v in entry["inference"].items() if k not in INFERENCE_BATCHING}
 
 
