@@ -170,7 +170,7 @@ def test_patch_training_resumes_exactly_and_validates_by_windows(tmp_path):
     assert result.val_metrics == reference.val_metrics and 0 < result.val_metrics["ssim"] < 1
 
 
-SEAM_PSNR_FLOOR = 20.0  # a random toy net; the demo autoencoder: benchmarks/bench_patches.py
+SEAM_PSNR_FLOOR = 20.0  # a random toy net; the demo autoencoder: README, benchmarks/bench_patches.py
 
 
 def test_scripts_train_on_patches_and_export_by_windows(tmp_path):

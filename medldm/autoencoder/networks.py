@@ -238,7 +238,7 @@ def window_grid(inference: dict, factor: int, shape: Sequence[int]) -> tuple[lis
         return None
     check_windows(inference, factor)
     roi = [min(r, s) for r, s in zip(inference["roi_size"], shape, strict=True)]
-    overlap = inference.get("overlap", 0.25)
+    overlap = inference.get("overlap", 0.5)
     steps = [max(factor, int(r * (1 - overlap)) // factor * factor) for r in roi]
     return roi, steps
 
