@@ -289,6 +289,24 @@ def trainer_settings(entry):
     return settings_json({**{k: v for k, v in entry.items() if k != "inference"}, "train": train})
 
 
+# Inference keys that change how many volumes or windows go through the network at once, not
+# the result (export_latents reruns only for the others: roi_size, overlap, mode).
+INFERENCE_BATCHING = ("batch_size", "sw_batch_size")
+
+
+def inference_windows(entry):
+    """A vae entry's inference settings that change what it encodes: the sliding windows (none
+    without roi_size: overlap and mode then change nothing)."""
+    if not entry["inference"]["roi_size"]:
+        return {}
+    return {k: v for k, v in entry["inference"].items() if k not in INFERENCE_BATCHING}
+
+
+def inference_batching(entry):
+    """A vae entry's inference batch sizes (not rerun triggers)."""
+    return {k: v for k, v in entry["inference"].items() if k in INFERENCE_BATCHING}
+
+
 def trainer_cadence(entry):
     """The TRAIN_CADENCE keys of a vae or ldm entry, as the trainer's --cadence."""
     return settings_json({k: v for k, v in entry["train"].items() if k in TRAIN_CADENCE})

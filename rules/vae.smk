@@ -32,6 +32,8 @@ rule train_vae:
     params:
         settings=lambda wc: trainer_settings(config["vae"][wc.vae]),
         cadence=runtime_only(lambda wc: trainer_cadence(config["vae"][wc.vae])),
+        # how validation decodes (sliding windows or not): not what the run learns
+        inference=runtime_only(lambda wc: settings_json(config["vae"][wc.vae]["inference"])),
         prepare=settings_json(config["prepare"]),
         classes=",".join(config["classes"]),
         labels=",".join(config["labels"]),
@@ -39,7 +41,7 @@ rule train_vae:
         python=python_launcher,
     shell:
         "{params.python} -m workflow_scripts.train_vae --settings {params.settings:q}"
-        " --cadence {params.cadence:q}"
+        " --cadence {params.cadence:q} --inference {params.inference:q}"
         " --prepare {params.prepare:q} --manifest {input.manifest:q} --classes {params.classes:q}"
         " --labels {params.labels:q} --run-dir {params.run_dir:q} --out {output.model:q}"
         " --montage {output.montage:q} > {log} 2>&1"
@@ -95,11 +97,12 @@ rule export_latents:
     resources:
         **rule_resources("export_latents"),
     params:
-        # only the batch size is read, which does not change the latents: not a rerun trigger
-        settings=runtime_only(lambda wc: settings_json(config["vae"][wc.vae]["inference"])),
+        # the sliding windows change the latents (a rerun trigger), the batch sizes do not
+        windows=lambda wc: settings_json(inference_windows(config["vae"][wc.vae])),
+        batching=runtime_only(lambda wc: settings_json(inference_batching(config["vae"][wc.vae]))),
     shell:
         "python -m workflow_scripts.export_latents --vae {input.model:q} --manifest {input.manifest:q}"
-        " --settings {params.settings:q} --out {output:q} > {log} 2>&1"
+        " --settings {params.windows:q} --batching {params.batching:q} --out {output:q} > {log} 2>&1"
 
 
 rule autoencoders:

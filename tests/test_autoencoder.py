@@ -93,9 +93,12 @@ def test_sliding_window_decode_approximates_whole_volume_decode():
     z = torch.randn(2, 2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         whole = net.decode(z)
-        one_window = ae.make_decoder(net, {"sw_roi_size": [8, 8, 8], "sw_batch_size": 1, "sw_overlap": 0.25})(z)
-        windows = ae.make_decoder(net, {"sw_roi_size": [6, 6, 6], "sw_batch_size": 2, "sw_overlap": 0.5})(z)
+        # roi_size is in image voxels: 16^3 is the whole 8^3 latent grid (factor 2)
+        one_window = ae.make_decoder(net, {"roi_size": [16, 16, 16], "overlap": 0.25})(z)
+        larger = ae.make_decoder(net, {"roi_size": [64, 64, 64], "mode": "constant"})(z)  # clipped
+        windows = ae.make_decoder(net, {"roi_size": [12, 12, 12], "sw_batch_size": 2, "overlap": 0.5})(z)
     assert torch.allclose(one_window, whole, atol=1e-5)
+    assert torch.allclose(larger, whole, atol=1e-5)
     # GroupNorm statistics are per window, so smaller windows approximate the whole decode
     assert windows.shape == whole.shape
     assert torch.corrcoef(torch.stack([windows.flatten(), whole.flatten()]))[0, 1] > 0.9

@@ -100,8 +100,9 @@ def test_vae_run_key_ignores_inference_and_resumable_settings(tmp_path):
     base = key()
     for name, value in {"epochs": 99, "val_every": 3, "checkpoint_every": 3, "montage_subjects": 1}.items():
         assert key(train={name: value}) == base, name
-    assert key(inference={"batch_size": 1, "sw_roi_size": [4, 4, 4]}) == base
+    assert key(inference={"batch_size": 1, "roi_size": [4, 4, 4]}) == base
     assert key(train={"lr": 1e-2}) != base and key(loss={"kl_weight": 1.0}) != base
+    assert key(train={"patch_size": [8, 8, 8]}) != base
     assert train_vae.run_key(vae_settings(), manifest, ["HC"], LABELS) != base
 
 

@@ -24,7 +24,7 @@ def test_training_logs_and_the_report_compute_the_same_ssim(single_thread):  # n
     torch.manual_seed(0)
     net = ae.build_autoencoder(settings["model"], ae.io_channels(False, len(LABELS)))  # untrained: SSIM well below 1
     logged, _ = evaluate_reconstruction(net, data, len(LABELS), False, CPU, {"batch_size": 2})
-    mu = np.concatenate([m for _, m, _ in ae.encode_set(net, data.images, None, len(LABELS), CPU, 2, progress=False)])
+    mu = np.concatenate([m for _, m, _ in ae.encode_set(net, data.images, None, len(LABELS), CPU, {"batch_size": 2}, progress=False)])
     recon = np.concatenate([image for _, image, _ in ae.decode_set(net, mu, {"batch_size": 2}, CPU, progress=False)])
     reported = reconstruction_metrics(list(data.images[:, 0].numpy()), list(recon))
     assert logged["ssim"] < 0.9

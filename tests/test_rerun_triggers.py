@@ -34,8 +34,9 @@ def _plan(tiny_run, config, tmp_path) -> dict[str, int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path, value", [
-    ("vae.demo.inference.sw_roi_size", [4, 4, 4]),   # decoding only
-    ("vae.demo.inference.batch_size", 1),
+    ("vae.demo.inference.batch_size", 1),            # how many volumes at once
+    ("vae.demo.inference.sw_batch_size", 2),
+    ("vae.demo.inference.overlap", 0.75),           # no sliding windows without roi_size
     ("vae.demo.train.val_every", 5),                 # how a run proceeds, not what it learns
     ("vae.demo.train.checkpoint_every", 5),
     ("ldm.demo.train.log_every", 5),
@@ -57,3 +58,9 @@ def test_setting_that_does_not_change_a_model_plans_no_training(tiny_run, test_c
 def test_a_setting_that_changes_the_model_still_plans_training(tiny_run, test_config, tmp_path):
     plan = _plan(tiny_run, _set(test_config, "vae.demo.train.lr", 1e-3), tmp_path)
     assert {"train_vae", "export_latents", "train_ldm"} <= set(plan), plan
+
+
+@pytest.mark.slow
+def test_sliding_windows_re_export_the_latents_without_retraining(tiny_run, test_config, tmp_path):
+    plan = _plan(tiny_run, _set(test_config, "vae.demo.inference.roi_size", [8, 8, 8]), tmp_path)
+    assert "export_latents" in plan and "train_vae" not in plan, plan

@@ -24,12 +24,12 @@ from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings
 
 
-def voided_latents(net, data, labels, n_labels: int, device, batch_size: int) -> np.ndarray:
+def voided_latents(net, data, labels, n_labels: int, device, inference: dict) -> np.ndarray:
     """Posterior means (N, C, d, h, w) of the images with their mask voxels set to 0 (paired label
     maps too: label 0 there)."""
     images = data.images * (1 - data.masks[:, None].to(data.images.dtype))
     labels = None if labels is None else labels * (1 - data.masks)
-    return np.concatenate([mu for _, mu, _ in ae.encode_set(net, images, labels, n_labels, device, batch_size)])
+    return np.concatenate([mu for _, mu, _ in ae.encode_set(net, images, labels, n_labels, device, inference)])
 
 
 def main(argv=None) -> int:
@@ -37,11 +37,13 @@ def main(argv=None) -> int:
     parser.add_argument("--vae", required=True, type=Path, help="vae.pt from train_vae")
     parser.add_argument("--manifest", required=True, type=Path, help="results/prepared/manifest.tsv")
     parser.add_argument("--settings", required=True, help="the vae's inference section (JSON or YAML file)")
+    parser.add_argument("--batching", help="inference batch sizes overriding --settings' (JSON; the workflow "
+                        "passes them apart as they do not change the latents)")
     parser.add_argument("--out", required=True, type=Path, help="latents.h5 to write")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     setup_logging()
-    inference = load_settings(args.settings)
+    inference = load_settings(args.settings) | (load_settings(args.batching) if args.batching else {})
     device = pick_device(args.device)
     net, vae = ae.load_vae(args.vae, device)
     paired = vae["settings"]["paired_labels"]
@@ -63,10 +65,9 @@ def main(argv=None) -> int:
                                  mask_shape=None if masks is None else data.shape,
                                  with_voided=masks is not None) as writer:
         labels = data.labels if paired else None
-        voided = None if masks is None else voided_latents(net, data, labels, len(vae["labels"]), device,
-                                                            inference["batch_size"])
+        voided = None if masks is None else voided_latents(net, data, labels, len(vae["labels"]), device, inference)
         for start, mu, logvar in ae.encode_set(net, data.images, labels, len(vae["labels"]), device,
-                                               inference["batch_size"]):
+                                               inference):
             for j in range(len(mu)):
                 i = start + j
                 label = None if data.labels is None else data.labels[i].numpy()

@@ -43,6 +43,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", required=True, help="the config's vae.<name> section (JSON or YAML file)")
     parser.add_argument("--cadence", help="train keys that do not change the model: val_every, checkpoint_every (JSON)")
+    parser.add_argument("--inference", help="the vae's inference section: how validation encodes and decodes "
+                        "(sliding windows or whole volumes; JSON); default whole volumes")
     parser.add_argument("--prepare", required=True, help="the config's prepare section (JSON or YAML file)")
     parser.add_argument("--manifest", required=True, type=Path, help="results/prepared/manifest.tsv")
     parser.add_argument("--classes", type=name_list, default="", help="comma-separated class names (config `classes`)")
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
         torch.distributed.barrier()
 
     with StopFlag() as stop:
-        trainer = VAETrainer(settings, train, val, args.run_dir, len(labels), device, stop)
+        inference = load_settings(args.inference) if args.inference else None
+        trainer = VAETrainer(settings, train, val, args.run_dir, len(labels), device, stop, inference)
         result = trainer.run()
     if result.interrupted:
         log.warning("stopped by signal after %d epochs; checkpoint written, rerun to resume", result.epochs_done)

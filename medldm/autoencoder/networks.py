@@ -216,19 +216,75 @@ def encode_posterior(model: AutoencoderKL, x: torch.Tensor) -> tuple[torch.Tenso
     return mu.float(), 2 * torch.log(sigma.float())
 
 
-def make_decoder(model: AutoencoderKL, inference: dict):
-    """A function latents ``(B,c,x,y,z)`` -> network output ``(B,C,X,Y,Z)``, whole-volume or, when
-    ``inference.sw_roi_size`` is set (in latent voxels), by MONAI sliding windows with
-    Gaussian blending, so peak memory follows the window rather than the volume. Windowed
-    decoding is approximate (GroupNorm statistics are per window): use the largest window
-    that fits."""
-    roi = inference.get("sw_roi_size")
-    if not roi:
-        return model.decode
-    inferer = SlidingWindowInferer(
-        roi_size=roi, sw_batch_size=inference["sw_batch_size"], overlap=inference["sw_overlap"], mode="gaussian"
+def net_downsampling(model: AutoencoderKL) -> int:
+    """Spatial reduction factor of a built network (as ``downsampling`` of its settings)."""
+    return 2 ** (len(model.encoder.channels) - 1)
+
+
+def check_windows(inference: dict, factor: int, where: str = "vae inference.roi_size") -> None:
+    """Sliding-window ROIs must divide into latent voxels: an InputError naming the key otherwise."""
+    roi = inference.get("roi_size")
+    if roi and any(r % factor for r in roi):
+        raise InputError(
+            f"{where} {list(roi)} is not divisible by {factor} (the autoencoder downsamples by {factor}): "
+            f"use multiples of {factor}, e.g. {[max(factor, r // factor * factor) for r in roi]}"
+        )
+
+
+def _overlap_for(roi: int, step: int) -> float:
+    """The overlap for which MONAI's scan interval ``int(roi * (1 - overlap))`` is exactly ``step``."""
+    return max(0.0, 1 - (step + 0.5) / roi)
+
+
+def _inferer(inference: dict, roi: Sequence[int], steps: Sequence[int]) -> SlidingWindowInferer:
+    return SlidingWindowInferer(
+        roi_size=list(roi), sw_batch_size=inference.get("sw_batch_size", 1),
+        overlap=[_overlap_for(r, s) for r, s in zip(roi, steps, strict=True)], mode=inference.get("mode", "gaussian"),
     )
-    return lambda z: inferer(z, model.decode)
+
+
+def window_grid(inference: dict, factor: int, shape: Sequence[int]) -> tuple[list[int], list[int]] | None:
+    """(ROI, step between windows), both in image voxels and multiples of ``factor``, for volumes
+    of ``shape``; None without ``inference.roi_size`` (whole volumes). An ROI larger than the
+    volume is clipped to it; the step is ``roi * (1 - overlap)`` rounded down to a multiple of
+    ``factor``, so encoder windows start on latent voxels and decoder windows line up with them."""
+    if not inference.get("roi_size"):
+        return None
+    check_windows(inference, factor)
+    roi = [min(r, s) for r, s in zip(inference["roi_size"], shape, strict=True)]
+    overlap = inference.get("overlap", 0.5)
+    steps = [max(factor, int(r * (1 - overlap)) // factor * factor) for r in roi]
+    return roi, steps
+
+
+def make_encoder(model: AutoencoderKL, inference: dict, shape: Sequence[int]):
+    """A function network input ``(B,C,X,Y,Z)`` of spatial ``shape`` -> (``mu``, ``logvar``), each
+    ``(B,c,x,y,z)`` float32: whole volumes, or MONAI sliding windows of ``inference.roi_size``
+    image voxels (blending ``inference.mode``, ``overlap``) whose latent outputs MONAI stitches
+    at 1/factor of the input resolution."""
+    grid = window_grid(inference, net_downsampling(model), shape)
+    if grid is None:
+        return lambda x: encode_posterior(model, x)
+    inferer = _inferer(inference, *grid)
+    return lambda x: inferer(x, lambda window: encode_posterior(model, window))
+
+
+def make_decoder(model: AutoencoderKL, inference: dict):
+    """A function latents ``(B,c,x,y,z)`` -> network output ``(B,C,X,Y,Z)``: whole volumes or, when
+    ``inference.roi_size`` is set (image voxels), MONAI sliding windows of roi_size / factor
+    latent voxels, the same windows as ``make_encoder``'s. Peak memory then follows the window,
+    not the volume. Windowed decoding is approximate (GroupNorm statistics and zero padding are
+    per window); overlap and Gaussian blending hide the seams."""
+    if not inference.get("roi_size"):
+        return model.decode
+    factor = net_downsampling(model)
+    check_windows(inference, factor)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        roi, steps = window_grid(inference, factor, [s * factor for s in z.shape[2:]])
+        return _inferer(inference, [r // factor for r in roi], [s // factor for s in steps])(z, model.decode)
+
+    return decode
 
 
 def to_volumes(out: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -242,15 +298,18 @@ def to_volumes(out: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
 
 @torch.no_grad()
 def encode_set(net: AutoencoderKL, images: torch.Tensor, labels: torch.Tensor | None, n_labels: int,
-               device: torch.device, batch_size: int,
+               device: torch.device, inference: dict,
                progress: bool = True) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Encode ``images`` ``(N,1,X,Y,Z)`` (with ``labels`` ``(N,X,Y,Z)`` in paired mode) in fp32
-    batches; yields (first index, mu, logvar), each ``(b, c, x, y, z)`` float32."""
+    batches of ``inference.batch_size``, by sliding windows when ``inference.roi_size`` is set;
+    yields (first index, mu, logvar), each ``(b, c, x, y, z)`` float32."""
+    encode = make_encoder(net, inference, images.shape[2:])
+    batch_size = inference["batch_size"]
     for start in tqdm(range(0, len(images), batch_size), desc="encoding", unit="batch", disable=None if progress else True):
         stop = start + batch_size
         label = None if labels is None else labels[start:stop].to(device)
         x = to_network_input(images[start:stop].to(device), label, n_labels)
-        mu, logvar = encode_posterior(net, x)
+        mu, logvar = encode(x)
         yield start, mu.cpu().numpy(), logvar.cpu().numpy()
 
 

@@ -26,6 +26,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from medldm.autoencoder import networks as ae
+from medldm.autoencoder.patches import check_patches, crop_batch, patch_size_at
 from medldm.checkpoint import BestCheckpoint, Checkpoints
 from medldm.data.cohort import PreparedSet
 from medldm.errors import InputError
@@ -69,11 +70,13 @@ class VAETrainer:
     """Trains one autoencoder from the ``vae`` settings section on in-memory prepared data.
 
     ``stop`` is polled after every step (a ``checkpoint.StopFlag`` in the script); when it is
-    true the trainer writes a checkpoint and returns with ``interrupted=True``.
+    true the trainer writes a checkpoint and returns with ``interrupted=True``. ``inference``
+    (the entry's inference section) says how validation encodes and decodes whole volumes
+    (sliding windows or not); it is not part of the run's identity.
     """
 
     def __init__(self, settings: dict, train: PreparedSet, val: PreparedSet, run_dir: str | Path,
-                 n_labels: int, device: torch.device, stop=None):
+                 n_labels: int, device: torch.device, stop=None, inference: dict | None = None):
         self.cfg, self.train_cfg = settings, settings["train"]
         self.train_set, self.val_set = train, val
         self.run_dir, self.device, self.stop = Path(run_dir), device, stop
@@ -83,6 +86,8 @@ class VAETrainer:
         if len(train) == 0:
             raise InputError("the manifest has no subjects in the train split")
         self.n_labels = n_labels
+        factor = ae.downsampling(settings["model"])
+        check_patches(self.train_cfg, train.shape, factor)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.main = is_main_process()
@@ -127,9 +132,9 @@ class VAETrainer:
         self.val_metrics: dict = {}
         self.montage: Path | None = None
         self.validated = False  # in this process (the same on every rank)
-        # whole volumes, as in training: the inference section (export and decode) is not a
-        # setting of this run, so changing it never retrains
-        self.validation_decoding = {"batch_size": self.train_cfg["batch_size"]}
+        # the inference section is not a setting of this run, so changing it never retrains
+        self.validation_decoding = {**(inference or {}), "batch_size": self.train_cfg["batch_size"]}
+        ae.check_windows(self.validation_decoding, factor)
 
     def _schedule(self, horizon: int) -> None:
         """Warm-up and cosine decay over ``horizon`` steps, fixed when the run starts: more epochs
@@ -202,6 +207,7 @@ class VAETrainer:
     def train_step(self, image: torch.Tensor, label: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One optimiser step of the autoencoder (and of the discriminator when it is on)."""
         self.model.train()
+        image, label = self._crop(image, label)
         x = ae.to_network_input(image, label, self.n_labels).contiguous(memory_format=self.layout)
         with autocast(self.device, self.train_cfg["bf16"]):
             out, mu, sigma = self.model(x)
@@ -219,6 +225,14 @@ class VAETrainer:
             torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.train_cfg["grad_clip"])
             self.opt_d.step()
         return {k: v.detach() for k, v in parts.items()}
+
+    def _crop(self, image: torch.Tensor, label: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch as the step trains on it: whole volumes, or random crops of this epoch's
+        patch size, a function of (seed, epoch, batch, rank)."""
+        size = patch_size_at(self.train_cfg, self.epoch)
+        if size is None:
+            return image, label
+        return crop_batch(image, label, size, self.train_cfg, (self.train_cfg["seed"], self.epoch, self.batch, self.rank))
 
     # -- epochs ---------------------------------------------------------------------------------
     def train_epoch(self) -> bool:
@@ -336,8 +350,7 @@ def evaluate_reconstruction(net, data: PreparedSet, n_labels: int, paired: bool,
     psnr = PSNRMetric(max_val=1.0)
     dice = DiceMetric(include_background=False, reduction="mean")
     labels = data.labels if paired else None
-    size = inference["batch_size"]
-    mu = np.concatenate([m for _, m, _ in ae.encode_set(net, data.images, labels, n_labels, device, size, progress=False)])
+    mu = np.concatenate([m for _, m, _ in ae.encode_set(net, data.images, labels, n_labels, device, inference, progress=False)])
     decoded = list(ae.decode_set(net, mu, inference, device, progress=False))
     recon = torch.from_numpy(np.concatenate([image for _, image, _ in decoded]))[:, None]
     ssim(recon, data.images)
