@@ -229,9 +229,9 @@ def python_launcher(wildcards, resources):
 
 
 # Trainer settings that say how a run proceeds, not what it learns: how often it validates,
-# logs and checkpoints, and whether it compiles. A change resumes the run (each trainer's run
+# logs and checkpoints, whether it compiles, and how it reads its data. A change resumes the run (each trainer's run
 # key leaves them out), so they are not rerun triggers either.
-TRAIN_CADENCE = ("val_every", "log_every", "checkpoint_every", "compile")
+TRAIN_CADENCE = ("val_every", "log_every", "checkpoint_every", "compile", "workers", "cache_mb")
 
 
 def trainer_settings(entry):

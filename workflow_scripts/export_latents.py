@@ -13,9 +13,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from medldm.autoencoder import networks as ae
-from medldm.data import h5layout
+from medldm.data import cohort, h5layout
 from medldm.data.cohort import load_prepared
 from medldm.errors import InputError, run_cli
 from medldm.provenance import sha256_file
@@ -48,14 +49,17 @@ def main(argv=None) -> int:
         settings={"vae": vae["settings"], "prepare": vae["prepare"]}, vae_sha256=sha256_file(args.vae),
     )
     stats = ae.LatentStats(vae["latent_shape"][0])
+    n_labels = len(vae["labels"])
     with h5layout.create_latents(args.out, len(data), vae["latent_shape"], header,
                                  label_shape=None if data.labels is None else data.shape) as writer:
-        labels = data.labels if paired else None
-        for start, mu, logvar in ae.encode_set(net, data.images, labels, len(vae["labels"]), device,
-                                               inference["batch_size"]):
+        size = inference["batch_size"]
+        for start, images, labels in tqdm(cohort.batches(data, size), total=-(-len(data) // size), desc="encoding",
+                                          unit="batch", disable=None):  # one batch of subjects in memory
+            _, mu, logvar = next(ae.encode_set(net, images, labels if paired else None, n_labels, device,
+                                               len(images), progress=False))
             for j in range(len(mu)):
                 i = start + j
-                label = None if data.labels is None else data.labels[i].numpy()
+                label = None if labels is None else labels[j].numpy()
                 writer.append(data.subject_ids[i], int(data.class_index[i]), data.splits[i],
                               affine=data.affines[i], mu=mu[j], logvar=logvar[j], label=label)
                 if data.splits[i] == "train":
