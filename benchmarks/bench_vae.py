@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Autoencoder training throughput (volumes per second) of ``train_vae``'s loop
-(``medldm.autoencoder.training.VAETrainer``: exact-resume batching, stop-flag polling, clipping, loss
-bookkeeping, progress bar) against a bare MONAI loop (DataLoader, forward, L1 + KL, AdamW step)
-on the same AutoencoderKL, volumes and batch size, in one run. Target ratio >= 0.95.
+(``medldm.autoencoder.training.VAETrainer``: subjects streamed from their NIfTI files through its
+DataLoader, exact-resume batching, stop-flag polling, clipping, loss bookkeeping, progress bar)
+against a bare MONAI loop over the same volumes held in memory (DataLoader over a tensor, forward,
+L1 + KL, AdamW step) on the same AutoencoderKL and batch size, in one run. Target ratio >= 0.95.
 
     python benchmarks/bench_vae.py --out results/bench/vae.json
 
 The model and training settings are the demo's ``vae`` entry of config/config.yaml (or --config /
---vae); the volumes are random, of --shape. Rounds alternate ours and bare, so a load change on a
+--vae); the volumes are random, of --shape, written as a prepared cohort for ours (the config's
+``train.workers`` and ``train.cache_mb``, or --workers / --cache-mb). Rounds alternate ours and bare, so a load change on a
 shared machine hits both; each side's throughput is the median over its epochs after the first.
 """
 
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 from monai.data import DataLoader
@@ -31,8 +34,8 @@ from torch.utils.data import TensorDataset
 
 from medldm.autoencoder import networks as ae
 from medldm.autoencoder.training import VAETrainer
-from medldm.data.cohort import PreparedSet
-from medldm.io import write_json
+from medldm.data.cohort import PreparedSet, load_prepared
+from medldm.io import save_nifti, write_json
 from medldm.runtime import memory_format
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +49,18 @@ def vae_settings(config_path: Path, name: str | None) -> dict:
     return entries[name or next(iter(entries))]
 
 
+def write_cohort(root: Path, images: torch.Tensor) -> Path:
+    """``images`` (N, 1, X, Y, Z) as a prepared cohort (NIfTI files, all train) under ``root``."""
+    rows = []
+    for i, image in enumerate(images):
+        path = root / f"b{i:04d}.nii.gz"
+        save_nifti(path, image[0].numpy(), np.eye(4))
+        rows.append({"subject_id": f"b{i:04d}", "class": "", "split": "train", "image": str(path), "label": "",
+                     "shape": "x".join(map(str, image.shape[1:])), "spacing": "1x1x1", "p_low": "0", "p_high": "1"})
+    pd.DataFrame(rows).to_csv(root / "manifest.tsv", sep="\t", index=False)
+    return root / "manifest.tsv"
+
+
 def ours(settings: dict, data: PreparedSet, epochs: int, workdir: Path) -> list[float]:
     """Volumes per second of each epoch of VAETrainer (its own timer spans every step of the epoch)."""
     train = {**settings["train"], "epochs": epochs, "val_every": 10**9, "checkpoint_every": 10**9,
@@ -56,13 +71,13 @@ def ours(settings: dict, data: PreparedSet, epochs: int, workdir: Path) -> list[
         return [float(row["train/volumes_per_s"]) for row in csv.DictReader(fh)]
 
 
-def bare(settings: dict, data: PreparedSet, epochs: int) -> list[float]:
+def bare(settings: dict, images: torch.Tensor, epochs: int) -> list[float]:
     """The MONAI tutorial loop on the same model, data and batch size."""
     torch.manual_seed(settings["train"]["seed"])
     layout = memory_format(torch.device("cpu"))  # the same layout as our loop
     model = ae.build_autoencoder(settings["model"], 1).to(memory_format=layout)
     opt = torch.optim.AdamW(model.parameters(), lr=settings["train"]["lr"])
-    loader = DataLoader(TensorDataset(data.images), batch_size=settings["train"]["batch_size"], shuffle=True)
+    loader = DataLoader(TensorDataset(images), batch_size=settings["train"]["batch_size"], shuffle=True)
     rates = []
     for _ in range(epochs):
         tic, count = time.perf_counter(), 0
@@ -87,24 +102,30 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="per side and round; the first is warm-up")
     parser.add_argument("--rounds", type=int, default=4, help="fewer (16 volumes x 2 rounds) gave ratios 0.95-1.01")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--workers", type=int, help="train.workers of ours (default: the config's)")
+    parser.add_argument("--cache-mb", type=float, help="train.cache_mb of ours (default: the config's)")
     parser.add_argument("--out", type=Path, help="JSON file for the figures")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     settings = vae_settings(args.config, args.vae)
+    for key, value in (("workers", args.workers), ("cache_mb", args.cache_mb)):
+        if value is not None:
+            settings["train"][key] = value
     images = torch.from_numpy(np.random.default_rng(0).random((args.volumes, 1, *args.shape), dtype=np.float32))
-    data = PreparedSet([f"b{i}" for i in range(args.volumes)], np.zeros(args.volumes, np.int64),
-                       ["train"] * args.volumes, images, None, np.tile(np.eye(4), (args.volumes, 1, 1)))
     ours_rates, bare_rates = [], []
-    for r in range(args.rounds):
-        with tempfile.TemporaryDirectory() as tmp:
-            ours_rates += ours(settings, data, args.epochs, Path(tmp) / "run")[1:]
-        bare_rates += bare(settings, data, args.epochs)[1:]
-        print(f"round {r + 1}: ours {ours_rates[-1]:.3f} vol/s, bare {bare_rates[-1]:.3f} vol/s", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as cohort:
+        data = load_prepared(write_cohort(Path(cohort), images), [], with_labels=False)
+        for r in range(args.rounds):
+            with tempfile.TemporaryDirectory() as tmp:
+                ours_rates += ours(settings, data, args.epochs, Path(tmp) / "run")[1:]
+            bare_rates += bare(settings, images, args.epochs)[1:]
+            print(f"round {r + 1}: ours {ours_rates[-1]:.3f} vol/s, bare {bare_rates[-1]:.3f} vol/s", file=sys.stderr)
     result = {
         "model_channels": settings["model"]["channels"], "shape": args.shape,
         "batch_size": settings["train"]["batch_size"], "threads": torch.get_num_threads(),
+        "workers": settings["train"]["workers"], "cache_mb": settings["train"]["cache_mb"],
         "ours_volumes_per_s": statistics.median(ours_rates), "bare_volumes_per_s": statistics.median(bare_rates),
     }
     result["ratio"] = result["ours_volumes_per_s"] / result["bare_volumes_per_s"]

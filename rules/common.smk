@@ -276,10 +276,10 @@ def python_launcher(wildcards, resources):
 
 
 # Trainer settings that say how a run proceeds, not what it learns: how often it validates,
-# logs and checkpoints, whether it compiles, and its live samples. A change resumes the run (each trainer's run
-# key leaves them out), so they are not rerun triggers either.
-TRAIN_CADENCE = ("val_every", "log_every", "checkpoint_every", "compile", "sample_every", "sample_volumes",
-                 "sample_steps")
+# logs and checkpoints, whether it compiles, how it reads its data, and its live samples. A change resumes the run
+# (each trainer's run key leaves them out), so they are not rerun triggers either.
+TRAIN_CADENCE = ("val_every", "log_every", "checkpoint_every", "compile", "workers", "cache_mb", "sample_every",
+                 "sample_volumes", "sample_steps")
 
 
 def trainer_settings(entry):

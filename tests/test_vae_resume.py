@@ -16,6 +16,7 @@ import torch
 from medldm.autoencoder import networks as ae
 from medldm.autoencoder.training import VAETrainer
 from medldm.checkpoint import Checkpoints, claim_run_dir
+from medldm.data.cohort import load_prepared
 from medldm.errors import EXIT_INTERRUPTED, InputError
 from tests.conftest import REPO
 from tests.vae_toys import LABELS, single_thread, toy_set, vae_settings, write_prepared  # noqa: F401
@@ -50,12 +51,18 @@ def _metrics(run_dir) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "train/volumes_per_s"} for row in csv.DictReader(fh)]
 
 
-def test_resume_mid_epoch_continues_exactly(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_continues_exactly(tmp_path, workers):
+    """Bit-exact with DataLoader workers too: they only fetch the batches the trainer planned.
+    The run that stops and resumes reads its subjects from disk through the workers; the
+    reference reads them in memory, in this process."""
     data = toy_set(6, splits=SPLITS)
-    settings = vae_settings(train={"epochs": 3, "val_every": 2}, loss={"adversarial_weight": 0.1,
-                                                                          "discriminator": {"channels": 4, "num_layers": 1}})
+    settings = vae_settings(train={"epochs": 3, "val_every": 2, "workers": 0},
+                            loss={"adversarial_weight": 0.1, "discriminator": {"channels": 4, "num_layers": 1}})
     straight = VAETrainer(settings, data.subset("train"), data.subset("val"), tmp_path / "a", len(LABELS), CPU)
     reference = straight.run()
+    settings["train"]["workers"] = workers
+    data = load_prepared(write_prepared(tmp_path / "prepared", data), ["HC", "TLE"], with_labels=False)
 
     stop = StopAtStep(3)  # 2 batches per epoch: stops in the middle of epoch 2
     first = VAETrainer(settings, data.subset("train"), data.subset("val"), tmp_path / "b", len(LABELS), CPU, stop)
@@ -63,6 +70,7 @@ def test_resume_mid_epoch_continues_exactly(tmp_path):
     assert first.run().interrupted
     assert Checkpoints(tmp_path / "b").latest().name == "ckpt-000000003.pt"
     resumed = VAETrainer(settings, data.subset("train"), data.subset("val"), tmp_path / "b", len(LABELS), CPU)
+    assert resumed.loader.num_workers == workers
     result = resumed.run()
 
     assert not result.interrupted and result.epochs_done == 3 and resumed.step == 6

@@ -13,12 +13,13 @@ import argparse
 import csv
 import json
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from medldm.data import h5layout
-from medldm.data.cohort import load_prepared
+from medldm.data.cohort import Rows, load_prepared
 from medldm.errors import InputError, run_cli
 from medldm.evaluation.classifier import (
     ARMS,
@@ -37,27 +38,27 @@ from medldm.settings import load_settings, name_list
 log = logging.getLogger("evaluate_classifier")
 
 
-def volume_set(path: Path, classes: list[str], subject_ids: list[str] | None = None) -> Dataset:
-    """The labelled volumes of a volumes .h5; only those of ``subject_ids`` (all of them must be
-    there) when given."""
-    with h5layout.open_volumes(path) as volumes:
-        if volumes.header.class_names != classes:
-            raise InputError(f"{path}: classes {volumes.header.class_names} differ from the config's {classes}")
-        if subject_ids is None:
-            keep = np.flatnonzero(volumes.class_index >= 0)
-        else:
-            row_of = {sid: i for i, sid in enumerate(volumes.subject_ids)}
-            missing = [sid for sid in subject_ids if sid not in row_of]
-            if missing:
-                raise InputError(f"{path}: no reconstruction of training subjects {missing[:5]}; "
-                                 "rerun the autoencoder's decode_reconstructions rule")
-            keep = np.array([row_of[sid] for sid in subject_ids], dtype=np.int64)
-        return Dataset(np.stack([volumes.image[i] for i in keep]).astype(np.float32), volumes.class_index[keep])
+def volume_set(path: Path, classes: list[str], files: ExitStack, subject_ids: list[str] | None = None) -> Dataset:
+    """The labelled volumes of a volumes .h5, read when used (the file stays open in ``files``);
+    only those of ``subject_ids`` (all of them must be there) when given."""
+    volumes = files.enter_context(h5layout.open_volumes(path))
+    if volumes.header.class_names != classes:
+        raise InputError(f"{path}: classes {volumes.header.class_names} differ from the config's {classes}")
+    if subject_ids is None:
+        keep = np.flatnonzero(volumes.class_index >= 0)
+    else:
+        row_of = {sid: i for i, sid in enumerate(volumes.subject_ids)}
+        missing = [sid for sid in subject_ids if sid not in row_of]
+        if missing:
+            raise InputError(f"{path}: no reconstruction of training subjects {missing[:5]}; "
+                             "rerun the autoencoder's decode_reconstructions rule")
+        keep = np.array([row_of[sid] for sid in subject_ids], dtype=np.int64)
+    return Dataset(Rows(volumes.image, keep), volumes.class_index[keep])
 
 
 def training_sets(names: list[str], real: Dataset, real_ids: list[str], classes: list[str],
-                  volumes: Path | None, reconstructions: Path | None) -> dict[str, Dataset]:
-    """{arm: training set} of the arms ``names``, reading only the files they need."""
+                  volumes: Path | None, reconstructions: Path | None, files: ExitStack) -> dict[str, Dataset]:
+    """{arm: training set} of the arms ``names``, reading only the files they need (opened in ``files``)."""
     unknown = sorted(set(names) - set(ARMS))
     if unknown:
         raise InputError(f"--arms {unknown}: known arms are {', '.join(ARMS)}")
@@ -67,10 +68,10 @@ def training_sets(names: list[str], real: Dataset, real_ids: list[str], classes:
         flag, path = needs.get(arm, ("", True))
         if not path:
             raise InputError(f"arm {arm} needs {flag}")
-    synthetic = volume_set(volumes, classes) if volumes and {"synthetic", "real+synthetic"} & set(names) else None
+    synthetic = volume_set(volumes, classes, files) if volumes and {"synthetic", "real+synthetic"} & set(names) else None
     sources = {
         "real": lambda: real,
-        "reconstructions": lambda: volume_set(reconstructions, classes, real_ids),
+        "reconstructions": lambda: volume_set(reconstructions, classes, files, real_ids),
         "synthetic": lambda: synthetic,
         "real+synthetic": lambda: Dataset.concat(real, synthetic),
     }
@@ -148,13 +149,14 @@ def main(argv=None) -> int:
         raise InputError("the classifier evaluation needs at least two `classes` in the config")
     prepared = load_prepared(args.manifest, classes, with_labels=False)
     split = {name: prepared.subset(name) for name in ("train", "test")}
-    real = {k: Dataset(v.images[:, 0].numpy(), v.class_index) for k, v in split.items()}
+    real = {k: Dataset(v.volumes(), v.class_index) for k, v in split.items()}  # read one volume at a time
     test_ids = split["test"].subject_ids
     reused = trained_arms(args.trained, test_ids, settings)
-    arms = training_sets([a for a in args.arms.split(",") if a], real["train"], split["train"].subject_ids,
-                         classes, args.volumes, args.reconstructions)
     device = pick_device(args.device)
-    results, models = run_arms(arms, real["test"], settings, len(classes), device)
+    with ExitStack() as files:
+        arms = training_sets([a for a in args.arms.split(",") if a], real["train"], split["train"].subject_ids,
+                             classes, args.volumes, args.reconstructions, files)
+        results, models = run_arms(arms, real["test"], settings, len(classes), device)
     merged = reused | results  # an arm trained here wins over a reused one
     results = {arm: merged[arm] for arm in ARMS if arm in merged}
     seed = settings.get("seed", 0)

@@ -8,10 +8,8 @@ import argparse
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from medldm.data import h5layout
-from medldm.data.cohort import load_prepared
+from medldm.data.cohort import Rows, load_prepared
 from medldm.errors import InputError, run_cli
 from medldm.evaluation import diversity
 from medldm.io import write_json
@@ -41,8 +39,8 @@ def main(argv=None) -> int:
         if missing:
             raise InputError(f"{args.reconstructions}: no reconstruction of {args.split} subjects {missing[:5]}; "
                              "rerun the reconstruction (decode) rule of this autoencoder")
-        recon_images = [np.asarray(recon.image[row_of[s]]) for s in real.subject_ids]
-    values = diversity.reconstruction_metrics(list(real.images[:, 0].numpy()), recon_images)
+        recon_images = Rows(recon.image, [row_of[s] for s in real.subject_ids])
+        values = diversity.reconstruction_metrics(real.volumes(), recon_images)  # one pair read at a time
     result = {
         "split": args.split,
         "n": len(real),

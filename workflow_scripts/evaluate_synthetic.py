@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from medldm.data import h5layout
-from medldm.data.cohort import load_prepared
+from medldm.data.cohort import Rows, load_prepared
 from medldm.errors import InputError, run_cli
 from medldm.evaluation import diversity
 from medldm.evaluation.fid import SliceFeatures, SliceSpec, compare, slice_features
@@ -27,19 +27,6 @@ from medldm.settings import load_settings, name_list
 log = logging.getLogger("evaluate_synthetic")
 FID_COLUMNS = ["compared", "group", "axis", "fid", "ci_low", "ci_high", "kid_mean", "kid_std", "n_real", "n_synthetic",
                "rank_deficient", "flag"]
-
-
-class Rows:
-    """Lazy view of some rows of an array-like (an HDF5 dataset is read one volume at a time)."""
-
-    def __init__(self, data, indices):
-        self.data, self.indices = data, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i) -> np.ndarray:
-        return np.asarray(self.data[self.indices[i]])
 
 
 def groups(class_index: np.ndarray, class_names: list[str]) -> dict[str, list[int]]:
@@ -124,7 +111,7 @@ def main(argv=None) -> int:
         synthetic_msssim = msssim_by_group(synth.image, synth.class_index, classes, msssim)
         n_synthetic = len(synth)
     real = load_prepared(args.manifest, classes, with_labels=False).subset(args.split)
-    real_msssim = msssim_by_group(real.images[:, 0].numpy(), real.class_index, classes, msssim)
+    real_msssim = msssim_by_group(real.volumes(), real.class_index, classes, msssim)
     result = {
         "fid": {"dims": fid["dims"], "rows": rows, "weights": {k: record.get(k) for k in ("source", "sha256", "weights", "verified")},
                 "slice_spec": reference.meta["slice_spec"], "bootstrap": fid["bootstrap"],

@@ -14,9 +14,11 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from medldm.autoencoder import networks as ae
-from medldm.data import h5layout
+from medldm.data import cohort, h5layout
 from medldm.data.cohort import load_prepared
 from medldm.errors import InputError, run_cli
 from medldm.provenance import sha256_file
@@ -24,12 +26,12 @@ from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings
 
 
-def voided_latents(net, data, labels, n_labels: int, device, inference: dict) -> np.ndarray:
-    """Posterior means (N, C, d, h, w) of the images with their mask voxels set to 0 (paired label
-    maps too: label 0 there)."""
-    images = data.images * (1 - data.masks[:, None].to(data.images.dtype))
-    labels = None if labels is None else labels * (1 - data.masks)
-    return np.concatenate([mu for _, mu, _ in ae.encode_set(net, images, labels, n_labels, device, inference)])
+def voided_latents(net, images, labels, masks, n_labels: int, device, inference: dict) -> np.ndarray:
+    """Posterior means (b, C, d, h, w) of ``images`` with their ``masks`` voxels set to 0 (paired
+    label maps too: label 0 there)."""
+    keep = 1 - masks.to(images.dtype)
+    labels = None if labels is None else labels * (1 - masks).to(labels.dtype)
+    return next(ae.encode_set(net, images * keep[:, None], labels, n_labels, device, inference, progress=False))[1]
 
 
 def main(argv=None) -> int:
@@ -59,19 +61,25 @@ def main(argv=None) -> int:
         settings={"vae": vae["settings"], "prepare": vae["prepare"]}, vae_sha256=sha256_file(args.vae),
     )
     stats = ae.LatentStats(vae["latent_shape"][0])
+    n_labels = len(vae["labels"])
     masks = data.masks
     with h5layout.create_latents(args.out, len(data), vae["latent_shape"], header,
                                  label_shape=None if data.labels is None else data.shape,
                                  mask_shape=None if masks is None else data.shape,
                                  with_voided=masks is not None) as writer:
-        labels = data.labels if paired else None
-        voided = None if masks is None else voided_latents(net, data, labels, len(vae["labels"]), device, inference)
-        for start, mu, logvar in ae.encode_set(net, data.images, labels, len(vae["labels"]), device,
-                                               inference):
+        size = inference["batch_size"]
+        for start, images, labels in tqdm(cohort.batches(data, size), total=-(-len(data) // size), desc="encoding",
+                                          unit="batch", disable=None):  # one batch of subjects in memory
+            encoder_labels = labels if paired else None
+            _, mu, logvar = next(ae.encode_set(net, images, encoder_labels, n_labels, device, inference,
+                                               progress=False))
+            if masks is not None:
+                mask = torch.stack([masks[i] for i in range(start, start + len(images))])
+                voided = voided_latents(net, images, encoder_labels, mask, n_labels, device, inference)
             for j in range(len(mu)):
                 i = start + j
-                label = None if data.labels is None else data.labels[i].numpy()
-                extra = {} if masks is None else {"mask": masks[i].numpy(), "voided_mu": voided[i]}
+                label = None if labels is None else labels[j].numpy()
+                extra = {} if masks is None else {"mask": mask[j].numpy(), "voided_mu": voided[j]}
                 writer.append(data.subject_ids[i], int(data.class_index[i]), data.splits[i],
                               affine=data.affines[i], mu=mu[j], logvar=logvar[j], label=label, **extra)
                 if data.splits[i] == "train":

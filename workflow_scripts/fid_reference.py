@@ -26,15 +26,16 @@ from medldm.settings import load_settings, name_list
 log = logging.getLogger("fid_reference")
 
 
-def reconstructed_volumes(path: Path, subject_ids: list[str], class_index, split: str) -> list:
-    """(volume, class) of the reconstructions of ``subject_ids``, in that order."""
+def reconstructed_volumes(path: Path, subject_ids: list[str], class_index, split: str):
+    """(volume, class) of the reconstructions of ``subject_ids``, in that order, read one at a time."""
     with h5layout.open_volumes(path) as recon:
         row_of = {s: i for i, s in enumerate(recon.subject_ids)}
         missing = [s for s in subject_ids if s not in row_of]
         if missing:
             raise InputError(f"{path}: no reconstruction of {split} subjects {missing[:5]}; rerun the "
                              "reconstruction (decode) rule of this autoencoder")
-        return [(np.asarray(recon.image[row_of[s]]), int(c)) for s, c in zip(subject_ids, class_index, strict=True)]
+        for s, c in zip(subject_ids, class_index, strict=True):
+            yield np.asarray(recon.image[row_of[s]]), int(c)
 
 
 def main(argv=None) -> int:
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     if args.reconstructions:
         volumes = reconstructed_volumes(args.reconstructions, real.subject_ids, real.class_index, args.split)
     else:
-        volumes = ((real.images[i, 0].numpy(), int(real.class_index[i])) for i in range(len(real)))
+        volumes = ((real.volume(i), int(real.class_index[i])) for i in range(len(real)))
     features = slice_features(volumes, model, SliceSpec.from_settings(fid), device, args.batch_size,
                               meta={"weights_sha256": record["sha256"], "weights_source": record["source"],
                                     "split": args.split, "subject_ids": real.subject_ids,

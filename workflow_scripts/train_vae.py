@@ -29,7 +29,7 @@ from medldm.settings import load_settings, name_list, with_cadence
 log = logging.getLogger("train_vae")
 # Settings that may change without invalidating a run's checkpoints (more epochs resume it).
 # patience too: a run stopped early continues when it grows (the selection state is in its checkpoints).
-_RESUMABLE = ("epochs", "val_every", "checkpoint_every", "montage_subjects", "patience")
+_RESUMABLE = ("epochs", "val_every", "checkpoint_every", "montage_subjects", "patience", "workers", "cache_mb")
 
 
 def run_key(settings: dict, manifest: Path, classes: list[str], labels: list[str]) -> str:

@@ -8,6 +8,9 @@ Resume is exact: a checkpoint holds the model, optimisers, RNG states, the epoch
 of batches already done in it; the batch order of an epoch is a function of (seed, epoch), so a
 run stopped mid-epoch (SIGTERM/SIGUSR1) continues with the very batch it would have seen next.
 Under torchrun every rank trains on its shard (DistributedSampler); only rank 0 writes.
+Subjects are read from disk by a DataLoader (``train.workers`` processes, optional RAM cache of
+``train.cache_mb``) that only fetches the batches the trainer planned, so workers change speed,
+never the batches.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tqdm import tqdm
 from medldm.autoencoder import networks as ae
 from medldm.autoencoder.patches import check_patches, crop_batch, patch_size_at
 from medldm.checkpoint import BestCheckpoint, Checkpoints
+from medldm.data import cohort
 from medldm.data.cohort import PreparedSet
 from medldm.errors import InputError
 from medldm.evaluation.diversity import ssim_metric
@@ -67,7 +71,7 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, wor
 
 
 class VAETrainer:
-    """Trains one autoencoder from the ``vae`` settings section on in-memory prepared data.
+    """Trains one autoencoder from the ``vae`` settings section on prepared data (read from disk).
 
     ``stop`` is polled after every step (a ``checkpoint.StopFlag`` in the script); when it is
     true the trainer writes a checkpoint and returns with ``interrupted=True``. ``inference``
@@ -123,6 +127,8 @@ class VAETrainer:
             log.warning("no validation subjects: reconstruction metrics use training subjects")
             self.eval_set = train.select(list(range(min(len(train), max(self.train_cfg["montage_subjects"], 1)))))
             self.eval_split = "train"
+        self.loader, self.sampler = cohort.training_loader(train, self.train_cfg["workers"], self.train_cfg["cache_mb"],
+                                                    pin_memory=device.type == "cuda")
         self.ckpts = Checkpoints(self.run_dir)
         select = self.train_cfg["select"]
         if select["metric"] == "dice" and not self.paired:
@@ -196,12 +202,10 @@ class VAETrainer:
         return stop_agreed(bool(self.stop), self.device)
 
     # -- one step -------------------------------------------------------------------------------
-    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         non_blocking = self.device.type == "cuda"
-        image = self.train_set.images[idx].to(self.device, non_blocking=non_blocking)
-        label = None
-        if self.paired:
-            label = self.train_set.labels[idx].to(self.device, non_blocking=non_blocking)
+        image = batch["image"].to(self.device, non_blocking=non_blocking)
+        label = batch["label"].to(self.device, non_blocking=non_blocking) if self.paired else None
         return image, label
 
     def train_step(self, image: torch.Tensor, label: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -241,11 +245,13 @@ class VAETrainer:
         batches = epoch_batches(len(self.train_set), cfg["batch_size"], self.epoch, cfg["seed"], self.rank, self.world)
         sums = {k: torch.tensor(v, device=self.device) for k, v in self.partial.get("sums", {}).items()}
         count, seconds = self.partial.get("count", 0), self.partial.get("seconds", 0.0)
-        bar = tqdm(batches[self.batch:], desc=f"epoch {self.epoch + 1}/{cfg['epochs']}", unit="batch",
+        self.sampler.plan = [idx.tolist() for idx in batches[self.batch:]]
+        bar = tqdm(zip(self.sampler.plan, self.loader, strict=True), total=len(self.sampler.plan),
+                   desc=f"epoch {self.epoch + 1}/{cfg['epochs']}", unit="batch",
                    disable=None if self.main else True, leave=False)  # None: off when not a TTY
         tic = time.perf_counter()
-        for idx in bar:
-            parts = self.train_step(*self._batch(idx))
+        for idx, batch in bar:
+            parts = self.train_step(*self._to_device(batch))
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
             count += len(idx)
@@ -342,29 +348,33 @@ class VAETrainer:
 def evaluate_reconstruction(net, data: PreparedSet, n_labels: int, paired: bool, device, inference: dict,
                             montage_path: Path | None = None, montage_subjects: int = 3) -> tuple[dict, Path | None]:
     """Mean SSIM, PSNR (and label Dice, foreground labels) of ``mu`` reconstructions of ``data``
-    (fp32), plus a montage
-    of originals and reconstructions of the first ``montage_subjects`` subjects. Under torchrun
-    this is collective (MONAI metrics gather over ranks): every rank calls it with its shard."""
+    (fp32), plus a montage of originals and reconstructions of the first ``montage_subjects``
+    subjects. Reads ``inference.batch_size`` subjects at a time. Under torchrun this is collective
+    (MONAI metrics gather over ranks): every rank calls it with its shard."""
     net.eval()
     ssim = ssim_metric(data.shape)
     psnr = PSNRMetric(max_val=1.0)
     dice = DiceMetric(include_background=False, reduction="mean")
-    labels = data.labels if paired else None
-    mu = np.concatenate([m for _, m, _ in ae.encode_set(net, data.images, labels, n_labels, device, inference, progress=False)])
-    decoded = list(ae.decode_set(net, mu, inference, device, progress=False))
-    recon = torch.from_numpy(np.concatenate([image for _, image, _ in decoded]))[:, None]
-    ssim(recon, data.images)
-    psnr(recon, data.images)
-    if paired:
-        recon_label = torch.from_numpy(np.concatenate([label for _, _, label in decoded]))
-        dice(_onehot(recon_label, n_labels), _onehot(data.labels, n_labels))
+    size = inference["batch_size"]
+    shown = min(montage_subjects, len(data))
+    volumes = []
+    for _, images, labels in cohort.batches(data, size):
+        labels = labels if paired else None
+        mu = np.concatenate([m for _, m, _ in ae.encode_set(net, images, labels, n_labels, device, inference, progress=False)])
+        decoded = list(ae.decode_set(net, mu, inference, device, progress=False))
+        recon = torch.from_numpy(np.concatenate([image for _, image, _ in decoded]))[:, None]
+        ssim(recon, images)
+        psnr(recon, images)
+        if paired:
+            recon_label = torch.from_numpy(np.concatenate([label for _, _, label in decoded]))
+            dice(_onehot(recon_label, n_labels), _onehot(labels, n_labels))
+        volumes += [v for i in range(min(len(images), shown - len(volumes) // 2))
+                    for v in (images[i, 0].numpy(), recon[i, 0].numpy())]
     metrics = {"ssim": float(ssim.aggregate()), "psnr": float(psnr.aggregate())}
     if paired:
         metrics["dice"] = float(dice.aggregate())
-    shown = min(montage_subjects, len(data))
     if montage_path is None or not shown:
         return metrics, None
-    volumes = [v for i in range(shown) for v in (data.images[i, 0].numpy(), recon[i, 0].numpy())]
     titles = [t for sid in data.subject_ids[:shown] for t in (f"{sid} input", f"{sid} recon")]
     save_montage(montage_path, volumes, titles)
     return metrics, montage_path

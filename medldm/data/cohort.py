@@ -1,19 +1,23 @@
-"""Prepared subjects in memory: the manifest's images (and label maps) as tensors.
+"""Prepared subjects, read one at a time from their NIfTI files.
 
-A prepared set is small (a 40x48x40 float32 volume is 300 KB; 1000 subjects at 160x224x160 are
-23 GB), so it is loaded once and batches are plain tensor indexing: the loader never starves.
+A real cohort does not fit in memory (1000 subjects at 160x224x160 are 23 GB of float32, per
+process), so no stage loads it whole: ``load_prepared`` reads the manifest and the files' headers
+(ids, classes, splits, shapes, affines) and a ``PreparedSet`` reads a subject's volume when it is
+indexed. Training draws its batches through ``training_loader`` (a torch DataLoader with workers,
+optionally over a RAM cache of bounded size); the other stages iterate ``volumes()`` or ``batches()``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-from tqdm import tqdm
+from torch.utils.data import DataLoader
 
 from medldm.data.samplesheet import read_manifest
 from medldm.errors import InputError
@@ -21,23 +25,66 @@ from medldm.errors import InputError
 log = logging.getLogger(__name__)
 
 
+class NiftiVolumes:
+    """NIfTI files read on access, indexed like a ``(N, 1, X, Y, Z)`` tensor's rows: ``[i]`` reads
+    file ``i`` as a ``(1, X, Y, Z)`` tensor (``channel`` False: ``(X, Y, Z)``); a list of positions
+    gives the lazy subset of those files. ``shape`` is that of the whole stack."""
+
+    def __init__(self, paths: Sequence[str], dtype, grid: tuple[int, ...], channel: bool = True):
+        self.paths, self.dtype, self.grid, self.channel = list(paths), dtype, tuple(grid), channel
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.paths), *((1,) if self.channel else ()), *self.grid)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            volume = torch.from_numpy(np.asarray(nib.load(self.paths[i]).dataobj, dtype=self.dtype))
+            return volume[None] if self.channel else volume
+        return NiftiVolumes([self.paths[j] for j in np.asarray(i, dtype=np.int64).tolist()], self.dtype,
+                            self.grid, self.channel)
+
+
+class Rows(Sequence):
+    """Rows of an array-like (a ``PreparedSet``'s volumes, an HDF5 dataset), read when indexed:
+    ``[i]`` is one row as a numpy array; a slice or a 1-D list of positions stacks those rows."""
+
+    def __init__(self, data, indices=None):
+        self.data = data
+        self.indices = list(range(len(data))) if indices is None else [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            return np.asarray(self.data[self.indices[i]])
+        picked = self.indices[i] if isinstance(i, slice) else [self.indices[j] for j in np.asarray(i).tolist()]
+        return np.stack([np.asarray(self.data[j]) for j in picked])
+
+
 @dataclass
 class PreparedSet:
-    """Subjects of a manifest, in manifest order.
+    """Subjects of a manifest, in manifest order, as a map-style torch Dataset.
 
-    images ``(N, 1, X, Y, Z)`` float32 in [0, 1]; labels ``(N, X, Y, Z)`` uint8 or None;
-    class_index ``(N,)`` int64 (-1 for no class); affines ``(N, 4, 4)``: each subject's prepared
-    affine (all share voxel axes and spacing; each keeps its own origin); masks ``(N, X, Y, Z)``
-    uint8 inpainting masks (1 = region to fill) or None.
+    images: row ``i`` is subject ``i``'s ``(1, X, Y, Z)`` float32 tensor in [0, 1] (``NiftiVolumes``
+    read on access, or an in-memory ``(N, 1, X, Y, Z)`` tensor); labels: row ``i`` its ``(X, Y, Z)``
+    uint8 label map, or None; masks: row ``i`` its ``(X, Y, Z)`` uint8 inpainting
+    mask (1 = region to fill), or None; class_index ``(N,)`` int64 (-1 for no class); affines ``(N, 4, 4)``:
+    each subject's prepared affine (all share voxel axes and spacing; each keeps its own origin).
+    ``data[i]`` is ``{"image": (1, X, Y, Z)[, "label": (X, Y, Z)]}``, read from disk.
     """
 
     subject_ids: list[str]
     class_index: np.ndarray
     splits: list[str]
-    images: torch.Tensor
-    labels: torch.Tensor | None
+    images: NiftiVolumes | torch.Tensor
+    labels: NiftiVolumes | torch.Tensor | None
     affines: np.ndarray
-    masks: torch.Tensor | None = None
+    masks: NiftiVolumes | torch.Tensor | None = None
 
     @property
     def affine(self) -> np.ndarray:
@@ -51,6 +98,20 @@ class PreparedSet:
 
     def __len__(self) -> int:
         return len(self.subject_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {"image": self.images[i]}
+        if self.labels is not None:
+            item["label"] = self.labels[i]
+        return item
+
+    def volume(self, i: int) -> np.ndarray:
+        """Subject ``i``'s image ``(X, Y, Z)`` float32."""
+        return self.images[i][0].numpy()
+
+    def volumes(self) -> Rows:
+        """The images as a lazy sequence of ``(X, Y, Z)`` float32 arrays (one read per access)."""
+        return Rows(_ImageRows(self))
 
     def select(self, keep: list[int]) -> PreparedSet:
         """The subjects at positions ``keep``."""
@@ -68,12 +129,84 @@ class PreparedSet:
     def subset(self, split: str) -> PreparedSet:
         return self.select([i for i, s in enumerate(self.splits) if s == split])
 
+    def bytes_per_subject(self) -> int:
+        voxels = int(np.prod(self.shape))
+        return voxels * (4 + (1 if self.labels is not None else 0))
 
-def _load(path: str, dtype, manifest: Path) -> tuple[np.ndarray, np.ndarray]:
+
+class _ImageRows:
+    """``PreparedSet`` images as ``(X, Y, Z)`` rows, for ``Rows``."""
+
+    def __init__(self, data: PreparedSet):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.data.volume(i)
+
+
+def batches(data: PreparedSet, batch_size: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """(first index, images ``(b, 1, X, Y, Z)``, labels ``(b, X, Y, Z)`` or None) in manifest
+    order, ``batch_size`` subjects read at a time."""
+    for start in range(0, len(data), batch_size):
+        items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        images = torch.stack([it["image"] for it in items])
+        labels = torch.stack([it["label"] for it in items]) if data.labels is not None else None
+        del items  # only the stacked batch lives on
+        yield start, images, labels
+
+
+class PlannedBatches:
+    """A DataLoader batch sampler that yields the batches last set in ``plan`` (lists of subject
+    positions): the trainer decides the order from (seed, epoch, rank), never the loader."""
+
+    def __init__(self):
+        self.plan: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(list(self.plan))
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+def training_loader(data: PreparedSet, workers: int, cache_mb: float, pin_memory: bool = False,
+                    ) -> tuple[DataLoader, PlannedBatches]:
+    """A DataLoader over ``data`` whose batches are the ``plan`` of the returned sampler.
+
+    ``workers`` processes read subjects ahead of the step (0: in this process). ``cache_mb`` > 0
+    keeps the first subjects that fit in that many MB in RAM (MONAI ``CacheDataset``, filled
+    before the workers start, shared with them copy-on-write); 0 reads every batch from disk.
+    Workers draw no random numbers and batches come back in plan order, so the batches of a
+    step do not depend on worker timing.
+    """
+    dataset = data
+    if cache_mb > 0:
+        from monai.data import CacheDataset
+
+        per_subject = data.bytes_per_subject() / 2**20
+        if cache_mb < per_subject:
+            raise InputError(
+                f"vae train.cache_mb is {cache_mb:g} MB but one subject takes {per_subject:.2f} MB "
+                f"(grid {'x'.join(map(str, data.shape))}): set train.cache_mb to 0 (no cache) or to at "
+                f"least {np.ceil(per_subject):g}"
+            )
+        cached = min(len(data), int(cache_mb // per_subject))
+        log.info("caching %d of %d training subjects in RAM (train.cache_mb %g)", cached, len(data), cache_mb)
+        dataset = CacheDataset(data, transform=None, cache_num=cached, copy_cache=False, progress=False)
+    sampler = PlannedBatches()
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                        persistent_workers=workers > 0,
+                        generator=torch.Generator())  # leaves the global RNG (the model's noise) alone
+    return loader, sampler
+
+
+def _header(path: str, manifest: Path):
     if not Path(path).is_file():
         raise InputError(f"{manifest}: file {path} does not exist; re-run the prepare stage")
-    img = nib.load(path)
-    return np.asarray(img.dataobj, dtype=dtype), img.affine
+    return nib.load(path)
 
 
 def class_indices(classes_in_manifest: list[str], classes: list[str], where: str) -> np.ndarray:
@@ -85,9 +218,10 @@ def class_indices(classes_in_manifest: list[str], classes: list[str], where: str
 
 
 def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bool = True) -> PreparedSet:
-    """Load every subject of the manifest (paths in it are relative to the working directory).
+    """The subjects of the manifest (paths in it are relative to the working directory), read
+    lazily: only the headers are read here, to check the files exist and share one grid.
 
-    Label maps are loaded when ``with_labels`` and the manifest has them, inpainting masks when
+    Label maps are included when ``with_labels`` and the manifest has them, inpainting masks when
     the manifest has them. All volumes must share
     one grid shape and voxel axes; each keeps its own origin (its real position) in ``affines``.
     """
@@ -97,27 +231,26 @@ def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bo
         raise InputError(f"manifest {manifest_path} lists no subjects")
     with_labels = with_labels and bool((table["label"] != "").all())
     with_masks = bool((table["mask"] != "").all())
-    images, labels, masks, affines, affine, moved = [], [], [], [], None, 0
-    for _, row in tqdm(table.iterrows(), total=len(table), desc="loading prepared data", unit="vol", disable=None):
-        image, img_affine = _load(row["image"], np.float32, manifest_path)
+    affines, affine, shape, moved = [], None, None, 0
+    for _, row in table.iterrows():
+        img = _header(row["image"], manifest_path)
         if affine is None:
-            affine, shape = img_affine, image.shape
-        elif image.shape != shape:
+            affine, shape = img.affine, img.shape
+        elif img.shape != shape:
             raise InputError(
-                f"{row['image']}: shape {image.shape} differs from {shape} of the other subjects; "
+                f"{row['image']}: shape {img.shape} differs from {shape} of the other subjects; "
                 "all prepared volumes must share prepare.shape"
             )
-        elif not np.allclose(img_affine[:3, :3], affine[:3, :3], atol=1e-3):
+        elif not np.allclose(img.affine[:3, :3], affine[:3, :3], atol=1e-3):
             log.warning("%s: voxel axes or spacing differ from the first subject's (not from prepare?); "
                         "generated volumes use the first subject's affine", row["image"])
-        elif not np.allclose(img_affine, affine, atol=1e-3):
+        elif not np.allclose(img.affine, affine, atol=1e-3):
             moved += 1
-        images.append(image)
-        affines.append(img_affine)
+        affines.append(img.affine)
         if with_labels:
-            labels.append(_load(row["label"], np.uint8, manifest_path)[0])
+            _header(row["label"], manifest_path)
         if with_masks:
-            masks.append(_load(row["mask"], np.uint8, manifest_path)[0])
+            _header(row["mask"], manifest_path)
     if moved:
         log.info("%d of %d subjects have their own origin (kept per subject); generated volumes use the first "
                  "subject's affine", moved, len(table))
@@ -125,8 +258,8 @@ def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bo
         subject_ids=table["subject_id"].tolist(),
         class_index=class_indices(table["class"].tolist(), classes, f"manifest {manifest_path}"),
         splits=table["split"].tolist(),
-        images=torch.from_numpy(np.stack(images))[:, None],
-        labels=torch.from_numpy(np.stack(labels)) if with_labels else None,
+        images=NiftiVolumes(table["image"].tolist(), np.float32, shape),
+        labels=NiftiVolumes(table["label"].tolist(), np.uint8, shape, channel=False) if with_labels else None,
         affines=np.stack(affines).astype(np.float64),
-        masks=torch.from_numpy(np.stack(masks)) if with_masks else None,
+        masks=NiftiVolumes(table["mask"].tolist(), np.uint8, shape, channel=False) if with_masks else None,
     )

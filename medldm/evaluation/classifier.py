@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.stats import rankdata
+from torch.utils.data import ConcatDataset
 
+from medldm.data.cohort import Rows
 from medldm.errors import InputError
 from medldm.runtime import seed_everything
 
@@ -35,9 +37,10 @@ GRADCAM_LAYER = {"densenet": "class_layers.relu", "efficientnet": "_swish"}
 
 @dataclass
 class Dataset:
-    """Volumes (N, X, Y, Z) float32 in [0, 1] with class indices (N,) int64."""
+    """Volumes (N, X, Y, Z) float32 in [0, 1] with class indices (N,) int64. ``images`` is an
+    array or a lazy ``cohort.Rows`` (read a volume at a time): ``images[rows]`` stacks a batch."""
 
-    images: np.ndarray
+    images: np.ndarray | Rows
     labels: np.ndarray
 
     def __post_init__(self):
@@ -49,7 +52,7 @@ class Dataset:
 
     @staticmethod
     def concat(*parts: Dataset) -> Dataset:
-        return Dataset(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
+        return Dataset(Rows(ConcatDataset([p.images for p in parts])), np.concatenate([p.labels for p in parts]))
 
 
 def build_classifier(settings: dict, n_classes: int) -> torch.nn.Module:

@@ -473,7 +473,7 @@ def _data_section(prepared, sets: dict, classes: list[str], figures: Path, per_c
     section.html(table(list(counts.values()), [("class", "class"), ("train", "train"), ("val", "val"),
                                                ("test", "test")]))
     test = prepared.subset("test")
-    _montages_per_class(section, figures, "real_test", test.images[:, 0].numpy(), test.class_index, classes,
+    _montages_per_class(section, figures, "real_test", test.volumes(), test.class_index, classes,
                         test.subject_ids, per_class, "Real test subjects")
     for name, s in sets.items():
         with h5layout.open_volumes(s["volumes"]) as synth:
@@ -492,7 +492,7 @@ def _reconstruction_montage(section: Section, figures: Path, name: str, path, te
         pairs = [(i, row_of[sid]) for i, sid in enumerate(test.subject_ids) if sid in row_of][:3]
         if not pairs:
             return
-        volumes = [v for i, j in pairs for v in (test.images[i, 0].numpy(), rec.image[j])]
+        volumes = [v for i, j in pairs for v in (test.volume(i), rec.image[j])]
     titles = [t for i, _ in pairs for t in (test.subject_ids[i], f"{test.subject_ids[i]} recon")]
     out = figures / f"reconstruction_{name}.png"
     save_montage(out, volumes, titles)
