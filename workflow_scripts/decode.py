@@ -67,7 +67,7 @@ def source_volumes(latents: h5layout.H5File, manifest: Path | None, with_labels:
     if missing:
         raise InputError(f"{latents.path}: source_id {missing[:5]} not in {manifest}; sample the set again from "
                          "this prepared data")
-    return {sid: (real.images[row_of[sid], 0].numpy(),
+    return {sid: (real.volume(row_of[sid]),
                   None if real.labels is None else real.labels[row_of[sid]].numpy()) for sid in set(latents.source_ids)}
 
 

@@ -217,8 +217,9 @@ def encode_posterior(model: AutoencoderKL, x: torch.Tensor) -> tuple[torch.Tenso
 
 
 def net_downsampling(model: AutoencoderKL) -> int:
-    """Spatial reduction factor of a built network (as ``downsampling`` of its settings)."""
-    return 2 ** (len(model.encoder.channels) - 1)
+    """Spatial reduction factor of a built network (as ``downsampling`` of its settings): 2 per
+    downsampling block of its encoder (MONAI's and MAISI's encoders alike)."""
+    return 2 ** sum(type(m).__name__.endswith("Downsample") for m in model.encoder.modules())
 
 
 def check_windows(inference: dict, factor: int, where: str = "vae inference.roi_size") -> None:
