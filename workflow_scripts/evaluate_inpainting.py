@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 
     per_volume: dict[str, list[dict]] = {m: [] for m in METHODS}
     for i, (sid, src) in enumerate(zip(ids, sources, strict=True)):
-        original, mask = real.images[row_of[src], 0].numpy(), masks[i]
+        original, mask = real.volume(row_of[src]), masks[i]
         fills = {"inpainted": inpainted[i],
                  "autoencoder": paste_back(voided[src], original, mask, blend),
                  "mean_fill": paste_back(mean_fill(original, mask), original, mask, blend)}

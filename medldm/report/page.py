@@ -454,7 +454,7 @@ def _inpainting_section(results: dict[str, dict], sets: dict, prepared, figures:
     row_of = {sid: i for i, sid in enumerate(prepared.subject_ids)}
     for name in results:
         with h5layout.open_volumes(sets[name]["volumes"]) as vol:
-            shown = [(vol.subject_ids[i], prepared.images[row_of[src], 0].numpy(), vol.mask[i], vol.image[i])
+            shown = [(vol.subject_ids[i], prepared.volume(row_of[src]), vol.mask[i], vol.image[i])
                      for i, src in enumerate((vol.source_ids or [])[:3]) if src in row_of]
         if shown:
             section.figure(plot_inpainting(figures / f"inpainting_{name}.png", shown),
