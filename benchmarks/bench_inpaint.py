@@ -19,7 +19,6 @@ that differs: C + 1 more input channels) is also timed, alternating call by call
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from functools import partial
@@ -32,6 +31,7 @@ from snakemake.utils import validate
 from medldm.diffusion import inpainting
 from medldm.diffusion import process as diffusion
 from medldm.diffusion.backbones import build_diffusion_model
+from medldm.io import write_json
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLERS = {"rflow_30": ("rflow", "rflow", 30), "ddim_50": ("ddpm", "ddim", 50)}
@@ -115,8 +115,7 @@ def main() -> int:
               f"{best['repaint']:.3f} s ({best['repaint_ratio']:.2f}x)", flush=True)
     result["targets_met"] = all(result[k]["inpaint_ratio"] <= 1.5 for k in SAMPLERS)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return 0 if result["targets_met"] else 1
 
 
