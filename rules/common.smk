@@ -223,18 +223,106 @@ def sample_set_json(wildcards):
 
 
 def sample_set_inputs(wildcards):
-    """The ldm and the vae.pt of a sample set, and for an inpaint set the real latents (with masks)."""
+    """The ldm and the vae.pt of a sample set; for an inpaint set, or a set conditioned on a
+    split's real maps, the real latents; for a set conditioned on another set's label maps (the
+    chain), that set's volumes.h5 (so asking for this set builds that one first)."""
+    entry = sample_set_entry(wildcards)
     inputs = {
         "ldm": f"{RESULTS}/ldm/{wildcards.ldm}/ldm.pt",
         "vae": f"{ldm_vae_dir(wildcards)}/vae.pt",
     }
-    if sample_set_entry(wildcards)["task"] == "inpaint":
+    source = (entry.get("conditions") or {}).get("from")
+    if entry["task"] == "inpaint" or source in SPLIT_NAMES:
         inputs["real"] = f"{ldm_vae_dir(wildcards)}/latents.h5"
+    elif source is not None:
+        inputs["source"] = f"{sample_set_dirs(source)[0]}/volumes.h5"
     return inputs
 
 
 def real_latents_arg(wildcards, input):
-    return f"--real {shlex.quote(input.real)}" if "real" in input.keys() else ""
+    """--real (the autoencoder's latents) and --source (a chained set's source volumes) of sample."""
+    args = [f"--{key} {shlex.quote(input[key])}" for key in ("real", "source") if key in input.keys()]
+    return " ".join(args)
+
+
+# Spatial conditioning (medldm/diffusion/spatial.py): an ldm's `conditions` name maps of the
+# sample sheet; a set of such a model takes them from a split's real subjects or from another
+# set's decoded label maps (`conditions: {from: <set>}`, the chain).
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def ldm_conditions(name):
+    return list(config["ldm"][name].get("conditions") or []) if name in config["ldm"] else []
+
+
+def set_has_label_maps(name):
+    """Whether a sample set's volumes.h5 will hold `label` maps: a set of a label-conditioned
+    model, of a paired-label autoencoder, or of a label-map autoencoder (`inputs: labels`)."""
+    entry = config["sample_sets"][name]
+    ldm = config["ldm"].get(entry["ldm"])
+    if ldm is None:
+        return False
+    vae = config["vae"].get(ldm["vae"], {})
+    return (bool(entry.get("conditions")) and "label" in ldm_conditions(entry["ldm"])) or bool(
+        vae.get("paired_labels")) or vae.get("inputs") == "labels"
+
+
+def check_ldm_conditions(name, entry):
+    """Refuse an ldm's `conditions` that the sample sheet cannot give for every row."""
+    maps = ldm_conditions(name)
+    if "image" in maps:
+        raise WorkflowError(f"config: ldm.{name}.conditions: conditioning on another image channel is not "
+                            "supported yet; use label and/or mask")
+    if maps and entry.get("task", "generate") == "inpaint":
+        raise WorkflowError(f"config: ldm.{name} has task inpaint and `conditions`; use one of the two")
+    for kind, present in (("label", HAS_LABELS), ("mask", HAS_MASKS)):
+        if kind in maps and not present:
+            empty = SAMPLES.index[SAMPLES[kind] == ""].tolist()
+            raise WorkflowError(
+                f"config: ldm.{name}.conditions names {kind!r}, but the sample sheet {SAMPLE_SHEET or '(demo)'} "
+                f"has no `{kind}` column value for {len(empty)} row(s) (e.g. {empty[:3]}): fill the `{kind}` "
+                f"column for every subject, or drop {kind!r} from ldm.{name}.conditions"
+            )
+    dropout = entry["train"].get("condition_dropout", 0)
+    if dropout and not maps:
+        raise WorkflowError(f"config: ldm.{name}.train.condition_dropout is {dropout} but the ldm has no `conditions`")
+
+
+def check_set_conditions(name, entry, seen=()):
+    """Refuse a sample set whose `conditions` its ldm cannot take, or whose source is unknown,
+    has no label maps, has no subjects, or leads back to the set (a cycle)."""
+    where = f"config: sample_sets.{name}"
+    maps, conditions = ldm_conditions(entry["ldm"]), entry.get("conditions")
+    if maps and not conditions:
+        raise WorkflowError(f"{where} has no `conditions`, but ldm.{entry['ldm']} is conditioned on {maps}: "
+                            "add `conditions: {from: test}` (or from a set with label maps)")
+    if conditions and not maps:
+        raise WorkflowError(f"{where}.conditions is set, but ldm.{entry['ldm']} has no `conditions` (it was not "
+                            "trained with condition maps): remove the set's conditions, or condition the ldm")
+    if not conditions:
+        return
+    source = conditions["from"]
+    if source in SPLIT_NAMES:
+        splits = resolve_splits(SAMPLES, config["split"], where)
+        if not (splits == source).any():
+            raise WorkflowError(f"{where}.conditions.from is {source!r}, but no subject is in split {source!r}: "
+                                "choose another split, or raise split.test_fraction / val_fraction")
+        return
+    if source not in config["sample_sets"]:
+        raise WorkflowError(f"{where}.conditions.from names {source!r}: neither a split ({list(SPLIT_NAMES)}) "
+                            f"nor a sample set (known: {sorted(config['sample_sets'])})")
+    if source == name or source in seen:
+        raise WorkflowError(f"{where}.conditions.from: the sets {[*seen, name, source]} condition each other in a cycle")
+    if not set_has_label_maps(source):
+        raise WorkflowError(f"{where}.conditions.from names set {source!r}, which has no label maps (its volumes "
+                            "are images only): name a label-map generator's set, a paired-label set or a "
+                            "label-conditioned set")
+    if maps != ["label"]:
+        raise WorkflowError(f"{where}.conditions.from names set {source!r}, which gives label maps only, but "
+                            f"ldm.{entry['ldm']} is conditioned on {maps}")
+    source_entry = config["sample_sets"][source]
+    if source_entry.get("conditions"):
+        check_set_conditions(source, source_entry, (*seen, name))
 
 
 def check_models():
@@ -246,8 +334,18 @@ def check_models():
                 f"config: ldm.{name}.train.splits includes 'test', the subjects the evaluation holds "
                 f"out; remove it, or set ldm.{name}.train.allow_test_split: true to train on them anyway"
             )
+        check_ldm_conditions(name, entry)
     for name, entry in config["sample_sets"].items():
         ldm = config["ldm"].get(entry["ldm"])
+        if ldm is not None and entry["task"] == "generate":
+            check_set_conditions(name, entry)
+        map_scale = entry.get("condition_guidance_scale", 1)
+        if ldm is not None and map_scale != 1 and not ldm["train"].get("condition_dropout", 0):
+            raise WorkflowError(
+                f"config: sample_sets.{name}.condition_guidance_scale is {map_scale} but "
+                f"ldm.{entry['ldm']}.train.condition_dropout is 0 (no map-free prediction was trained): "
+                "set condition_guidance_scale: 1, or condition_dropout > 0 and retrain"
+            )
         if ldm is not None and entry["task"] == "inpaint" and entry["method"] == "trained" and ldm["task"] != "inpaint":
             raise WorkflowError(
                 f"config: sample_sets.{name} inpaints with method trained, but ldm.{entry['ldm']} has "

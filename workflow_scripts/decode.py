@@ -11,6 +11,9 @@ prepared voxels pasted back outside its mask (read through ``--manifest``), blen
 ``blend_voxels`` (in ``--settings``) voxel layers inside the mask only, so the known tissue is exactly the input;
 volumes.h5 keeps ``mask`` and ``source_id``.
 
+Spatially conditioned sets (latents with ``label``: the maps the volumes were conditioned on):
+volumes.h5 and <id>/label.nii.gz get those maps (rather than a paired-label decoder's own).
+
 Scaling: every latents file holds UNSCALED latents (posterior mu, or samples already divided by
 the scale factor once by the sampler when it wrote them), so decode feeds ``mu`` to the decoder
 as stored and never multiplies or divides by ``scale_factor``.
@@ -94,15 +97,17 @@ def main(argv=None) -> int:
     with h5layout.open_latents(args.latents) as latents:
         check_match(latents, vae, args.vae)
         src = latents.header
+        conditioned = latents.label is not None and latents.source_ids is not None and latents.mask is None
+        with_labels = paired or conditioned
         header = h5layout.Header(
             grid_affine=src.grid_affine, grid_shape=src.grid_shape, class_names=src.class_names,
-            label_names=src.label_names if paired else [],
+            label_names=src.label_names if with_labels else [],
             settings={"latents": str(args.latents), "latents_settings": src.settings,
                       "vae_sha256": src.vae_sha256},
         )
         inpainted = latents.mask is not None and latents.source_ids is not None
         sources = source_volumes(latents, args.manifest, paired) if inpainted else {}
-        with h5layout.create_volumes(args.out, len(latents), header, with_labels=paired,
+        with h5layout.create_volumes(args.out, len(latents), header, with_labels=with_labels,
                                      with_masks=latents.mask is not None,
                                      with_source=latents.source_ids is not None) as writer:
             for start, images, labels in ae.decode_set(net, latents.mu, inference, device):
@@ -110,6 +115,8 @@ def main(argv=None) -> int:
                     i = start + j
                     sid = latents.subject_ids[i]
                     label, affine = None if labels is None else labels[j], latents.affines[i]
+                    if conditioned:
+                        label = latents.label[i]
                     mask = None if latents.mask is None else latents.mask[i]
                     source_id = None if latents.source_ids is None else latents.source_ids[i]
                     if inpainted:
@@ -123,7 +130,7 @@ def main(argv=None) -> int:
                     writer.append(sid, int(latents.class_index[i]), latents.splits[i], affine=affine,
                                   source_id=source_id, image=image, label=label, mask=mask)
     pasted = f", source voxels pasted back outside the masks (blend {blend})" if inpainted else ""
-    print(f"{args.out}: decoded {writer.count} volumes{' with label maps' if paired else ''}{pasted} "
+    print(f"{args.out}: decoded {writer.count} volumes{' with label maps' if with_labels else ''}{pasted} "
           f"of shape {list(header.grid_shape)}; NIfTI in {args.nifti_dir}")
     return 0
 

@@ -6,16 +6,24 @@ Refuses a vae.pt other than the one the diffusion model was trained against.
 An inpaint set (`task: inpaint`) fills the masks of the real rows of a split (--real: the
 autoencoder's latents.h5), `draws` latents per row, each row keeping its source's id, class,
 split, affine and mask.
+A spatially conditioned model's set (`conditions`) takes its maps from the real rows of a split
+(--real, `from: test`) or from another set's decoded label maps (--source, its volumes.h5: the
+chain), `per_subject` volumes per map, named `<source id>-c<k>`; the set's latents.h5 keeps each
+row's `label` map (decode writes it to volumes.h5) and `source_id`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from medldm.data import h5layout
-from medldm.diffusion import inpainting
+from medldm.diffusion import inpainting, spatial
 from medldm.diffusion import process as diffusion
 from medldm.errors import InputError, run_cli
 from medldm.runtime import pick_device, setup_logging
@@ -30,7 +38,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vae", required=True, type=Path, help="the vae.pt that will decode the samples")
     parser.add_argument("--settings", required=True, help="the config's sample_sets.<name> section (JSON or YAML)")
     parser.add_argument("--name", default="samples", help="sample set name (recorded in the file)")
-    parser.add_argument("--real", type=Path, help="the autoencoder's latents.h5 with masks (inpaint sets)")
+    parser.add_argument("--real", type=Path, help="the autoencoder's latents.h5: with masks (inpaint sets), "
+                        "or the real rows whose maps condition a set (`conditions: {from: <split>}`)")
+    parser.add_argument("--source", type=Path, help="volumes.h5 of the set whose label maps condition this one "
+                        "(`conditions: {from: <set>}`)")
     parser.add_argument("--out", required=True, type=Path, help="latents.h5 to write")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
@@ -51,8 +62,12 @@ def main(argv=None) -> int:
         settings={"sample_set": args.name, **settings, "sampler": sampler, "ldm": str(args.ldm),
                   "ldm_latents_sha256": ldm.latents_sha256},
     )
+    conditions = settings.get("conditions")
     if settings.get("task", "generate") == "inpaint":
         latents = write_inpaint_set(ldm, settings, args.real, header, args.out, run, where)
+    elif spatial.check_model_conditions(ldm.conditioning if ldm.task == "generate" else None, conditions, where,
+                                        args.ldm):
+        latents = write_conditioned_set(ldm, settings, args.real, args.source, header, args.out, run, where)
     else:
         latents = write_generated_set(ldm, settings, header, args.out, run, where)
     log.info("wrote %d latents (%s, %d steps, guidance %s) to %s", len(latents), sampler, settings["steps"],
@@ -70,6 +85,106 @@ def write_generated_set(ldm, settings, header, out, run, where):
             writer.append(f"syn-{i:05d}", int(cls), "synthetic", affine=None, mu=latent)
         set_stats(writer, latents, ldm)
     return latents
+
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ConditionSource:
+    """The maps a conditioned set is made from, one row per source volume or subject."""
+
+    ids: list[str]
+    class_index: np.ndarray  # (n,) -1: none
+    class_names: list[str]
+    affines: np.ndarray
+    label: object  # (n, X, Y, Z) readable by row index arrays, or None
+    mask: object
+    path: Path
+
+    def rows_of(self, kind, idx):
+        return getattr(self, kind)[np.sort(idx)] if len(idx) else None
+
+
+def condition_source(ldm, source_from: str, real: Path | None, source: Path | None, stack: ExitStack,
+                     where: str) -> ConditionSource:
+    """The real rows of split ``source_from`` (``real``: the autoencoder's latents.h5), or the
+    decoded label maps of another set (``source``: its volumes.h5)."""
+    if source_from in SPLITS:
+        if real is None:
+            raise InputError(f"{where}: conditions from split {source_from!r} need the autoencoder's latents.h5 (--real)")
+        f = stack.enter_context(h5layout.open_latents(real))
+        if f.header.vae_sha256 != ldm.vae_sha256:
+            raise InputError(f"{real}: these latents are not from the autoencoder the ldm was trained on; give "
+                             "the latents.h5 of the ldm's own `vae`")
+        rows = f.indices(source_from)
+        if len(rows) == 0:
+            raise InputError(f"{where}: conditions.from {source_from!r}: {real} has no subjects in split "
+                             f"{source_from!r}; choose another split (split.test_fraction/val_fraction) or source")
+        label = None if f.label is None else _Rows(f.label, rows)
+        mask = None if f.mask is None else _Rows(f.mask, rows)
+        return ConditionSource([f.subject_ids[i] for i in rows], f.class_index[rows], list(f.header.class_names),
+                               f.affines[rows], label, mask, real)
+    if source is None:
+        raise InputError(f"{where}: conditions from set {source_from!r} need its volumes.h5 (--source)")
+    f = stack.enter_context(h5layout.open_volumes(source))
+    if f.label is None:
+        raise InputError(f"{where}: conditions.from names set {source_from!r}, whose {source} has no `label` maps; "
+                         "name a set with label maps (a label-map generator's, a paired-label or a conditioned set)")
+    if tuple(f.header.grid_shape) != tuple(ldm.grid_shape):
+        raise InputError(f"{where}: label maps of {source} are on grid {tuple(f.header.grid_shape)}, the ldm's on "
+                         f"{tuple(ldm.grid_shape)}; condition on a set made from the same prepared data")
+    return ConditionSource(list(f.subject_ids), f.class_index, list(f.header.class_names), f.affines,
+                           f.label, None, source)
+
+
+class _Rows:
+    """A dataset seen through a subset of its rows (``view[i]`` is row ``rows[i]``)."""
+
+    def __init__(self, data, rows):
+        self.data, self.rows = data, np.asarray(rows)
+
+    def __getitem__(self, idx):
+        return self.data[np.sort(self.rows[idx])]
+
+
+def write_conditioned_set(ldm, settings, real, source, header, out, run, where):
+    """Rows `<source id>-c<k>`: `per_subject` volumes per source map, each keeping its label map."""
+    conditions = settings["conditions"]
+    kinds = ldm.conditioning["maps"]
+    with ExitStack() as stack:
+        src = condition_source(ldm, str(require(conditions, "from", f"{where} conditions")), real, source, stack,
+                               where)
+        missing = [kind for kind in kinds if getattr(src, kind) is None]
+        if missing:
+            raise InputError(f"{where}: {src.path} has no {missing} maps, which {header.settings['ldm']} was "
+                             f"conditioned on ({kinds}); condition on a source that has them")
+        k = int(conditions.get("per_subject", 1))
+        each = np.repeat(np.arange(len(src.ids)), k)
+        maps = spatial.read_latent_maps(src.rows_of, kinds, ldm.latent_shape[1:], ldm.conditioning["pooling"],
+                                        len(ldm.label_names), np.arange(len(src.ids)), where=str(src.path))
+        classes = condition_classes(ldm, settings, src, each, where)
+        latents = diffusion.generate(ldm, classes, rows={"cond": maps[each]},
+                                     map_guidance_scale=settings.get("condition_guidance_scale", 1.0), **run)
+        label_shape = ldm.grid_shape if "label" in kinds else None
+        with h5layout.create_latents(out, len(latents), ldm.latent_shape, header, with_logvar=False,
+                                     label_shape=label_shape, with_source=True) as writer:
+            for i, (latent, j) in enumerate(zip(latents, each, strict=True)):
+                label = None if label_shape is None else src.label[np.array([j])][0]
+                writer.append(f"{src.ids[j]}-c{i % k}", int(classes[i]), "synthetic", affine=src.affines[j],
+                              source_id=src.ids[j], mu=latent, label=label)
+            set_stats(writer, latents, ldm)
+    return latents
+
+
+def condition_classes(ldm, settings, src: ConditionSource, each, where) -> np.ndarray:
+    """Each volume's class: its source's (when the source has the ldm's classes and the set names
+    none), else allocated from the set's `class` / `class_proportions`."""
+    own = settings.get("class") is None and not settings.get("class_proportions")
+    if own and ldm.class_names and src.class_names == list(ldm.class_names) and (src.class_index >= 0).all():
+        return np.asarray(src.class_index)[each].astype(np.int64)
+    return diffusion.allocate_classes(len(each), ldm.class_names, settings.get("class"),
+                                      settings.get("class_proportions"))
 
 
 def write_inpaint_set(ldm, settings, real, header, out, run, where):

@@ -169,13 +169,24 @@ def diffusion_loss(model: nn.Module, strategy: Strategy, x0: torch.Tensor, label
 
 
 def guided_prediction(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                      scale: float, null_class: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+                      scale: float, null_class: int, cond: torch.Tensor | None = None,
+                      map_scale: float = 1.0) -> torch.Tensor:
     """Classifier-free guided output ``uncond + scale * (cond - uncond)``, shape of x (float32).
 
     Scale 1 needs one forward pass, scale 0 one unconditional pass, else one pass over the
     doubled batch. ``cond`` (extra input channels) is given to both passes: guidance is over the class.
+    ``map_scale`` other than 1 also guides over spatial condition maps (``cond``; all-zero maps are
+    "no map", ``medldm.diffusion.spatial``): ``e(0, null) + map_scale (e(m, null) - e(0, null)) +
+    scale (e(m, c) - e(m, null))``, one pass over the tripled batch.
     """
     null = torch.full_like(labels, null_class)
+    if cond is not None and map_scale != 1:
+        bare = with_condition(x, torch.zeros_like(cond))
+        x = with_condition(x, cond)
+        out = model(torch.cat([x, x, bare]), torch.cat([t, t, t]),
+                    class_labels=torch.cat([labels, null, null])).float()
+        both, maps_only, neither = out.chunk(3)
+        return neither + map_scale * (maps_only - neither) + scale * (both - maps_only)
     x = with_condition(x, cond)
     if scale == 1:
         return model(x, t, class_labels=labels).float()
@@ -228,7 +239,7 @@ def sampling_plan(strategy: Strategy, sampler: str, steps: int, generator: torch
 def sample(model: nn.Module, strategy: Strategy, noise: torch.Tensor, labels: torch.Tensor, *,
            sampler: str, steps: int, guidance_scale: float, null_class: int,
            generator: torch.Generator | None = None, progress: bool = False,
-           cond: torch.Tensor | None = None) -> torch.Tensor:
+           cond: torch.Tensor | None = None, map_guidance_scale: float = 1.0) -> torch.Tensor:
     """Run the reverse process from ``noise``.
 
     Args:
@@ -236,6 +247,7 @@ def sample(model: nn.Module, strategy: Strategy, noise: torch.Tensor, labels: to
         sampler: ``ddpm`` (ancestral, all T steps), ``ddim`` (deterministic) or ``rflow`` (Euler).
         generator: for the ddpm sampler's per-step noise (on noise's device).
         cond: (B, K, D, H, W) extra input channels of a model trained with them, or None.
+        map_guidance_scale: guidance over spatial condition maps in ``cond`` (1: none).
     Returns:
         (B, C, D, H, W) scaled latents: the final clean prediction x0.
     """
@@ -245,7 +257,7 @@ def sample(model: nn.Module, strategy: Strategy, noise: torch.Tensor, labels: to
     x, x0 = noise, noise
     for i, t in enumerate(tqdm(plan.timesteps, desc=sampler, disable=None if progress else True, leave=False)):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        out = guided_prediction(model, x, tt, labels, guidance_scale, null_class, cond)
+        out = guided_prediction(model, x, tt, labels, guidance_scale, null_class, cond, map_guidance_scale)
         x, x0 = plan.step(out, i, x)
     return x0
 
@@ -292,7 +304,8 @@ def _seed(*parts: int) -> int:
 
 def generate(ldm: LDM, class_index: np.ndarray, *, sampler: str, steps: int, guidance_scale: float,
              seed: int, batch_size: int, device: torch.device, progress: bool = True,
-             rows: dict[str, torch.Tensor] | None = None, reverse: Callable = sample) -> np.ndarray:
+             rows: dict[str, torch.Tensor] | None = None, reverse: Callable = sample,
+             map_guidance_scale: float = 1.0) -> np.ndarray:
     """Sample one latent per entry of ``class_index`` (-1: no class).
 
     Volume i starts from noise seeded by (seed, i); the ddpm sampler's step noise is seeded by
@@ -300,9 +313,11 @@ def generate(ldm: LDM, class_index: np.ndarray, *, sampler: str, steps: int, gui
     the scale factor once), ready for the decoder.
     ``rows``: per-volume inputs of ``reverse`` (name -> (N, ...) tensor, e.g. an inpainting
     ``cond``), sliced per batch and passed as keywords; ``reverse``: the reverse process, ``sample``
-    or one with its signature (``medldm.diffusion.inpainting.repaint``).
+    or one with its signature (``medldm.diffusion.inpainting.repaint``); ``map_guidance_scale``:
+    ``sample``'s guidance over spatial condition maps (passed on only when not 1).
     """
     rows = rows or {}
+    extra = {"map_guidance_scale": map_guidance_scale} if map_guidance_scale != 1 else {}
     labels = torch.from_numpy(np.where(class_index < 0, ldm.null_class, class_index)).long()
     out = []
     for start in tqdm(range(0, len(labels), batch_size), desc="batches", disable=None if progress else True):
@@ -313,7 +328,7 @@ def generate(ldm: LDM, class_index: np.ndarray, *, sampler: str, steps: int, gui
         with autocast(device):
             x = reverse(ldm.model, ldm.strategy, noise, labels[start:idx.stop].to(device), sampler=sampler,
                         steps=steps, guidance_scale=guidance_scale, null_class=ldm.null_class,
-                        generator=generator, progress=progress, **batch)
+                        generator=generator, progress=progress, **batch, **extra)
         out.append((x.float() / ldm.scale_factor).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, *ldm.latent_shape), np.float32)
 
@@ -339,7 +354,8 @@ class LDM:
     latents_sha256: str
     settings: dict
     task: str = "generate"  # or "inpaint": the network also takes a condition (medldm.diffusion.inpainting)
-    conditioning: dict | None = None  # an inpainting model's condition: channels and how they were made
+    conditioning: dict | None = None  # extra input channels and how they were made: an inpainting model's
+    # condition, or a spatially conditioned model's maps (``maps``, ``pooling``: medldm.diffusion.spatial)
 
     @property
     def null_class(self) -> int:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from medldm.autoencoder import networks as ae
 from medldm.checkpoint import BestCheckpoint, Checkpoints, StopFlag, claim_run_dir
 from medldm.data.h5layout import Header, open_latents
-from medldm.diffusion import inpainting
+from medldm.diffusion import inpainting, spatial
 from medldm.diffusion import process as diffusion
 from medldm.diffusion.backbones import build_diffusion_model, check_latent_shape
 from medldm.diffusion.ema import EMA
@@ -60,7 +60,8 @@ class LatentSet:
     mu, std: (N, C, d, h, w) float32 posterior mean and std (std None unless posterior sampling);
     labels: (N,) long class labels, the null class (K) where the file has no class;
     voided, mask: (N, C, d, h, w) voided-image latents (unscaled) and (N, 1, d, h, w) latent-grid
-    masks, for an inpainting model (else None).
+    masks, for an inpainting model (else None); maps: (N, K, d, h, w) spatial condition maps on
+    the latent grid, for a spatially conditioned model (else None).
     """
 
     mu: torch.Tensor
@@ -69,15 +70,18 @@ class LatentSet:
     header: Header
     voided: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    maps: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.header.class_names)
 
 
-def load_latent_set(path: str | os.PathLike, splits, posterior: bool = False, inpaint: bool = False) -> LatentSet:
+def load_latent_set(path: str | os.PathLike, splits, posterior: bool = False, inpaint: bool = False,
+                    conditions=(), pooling: str = "area") -> LatentSet:
     """Read the rows of ``splits`` from a latents HDF5 file (via ``medldm.data.h5layout``); with
-    ``inpaint``, only rows with a non-empty mask, and their voided latents and masks."""
+    ``inpaint``, only rows with a non-empty mask, and their voided latents and masks; with
+    ``conditions`` (``label``, ``mask``), those maps brought to the latent grid by ``pooling``."""
     with open_latents(path) as f:
         idx = np.sort(np.concatenate([f.indices(s) for s in splits]))
         voided = mask = None
@@ -97,7 +101,21 @@ def load_latent_set(path: str | os.PathLike, splits, posterior: bool = False, in
         if cls.max(initial=-1) >= k:
             raise InputError(f"{path}: class index {cls.max()} but only {k} class names")
         labels = torch.from_numpy(np.where(cls < 0, k, cls)).long()
-        return LatentSet(mu=mu, std=std, labels=labels, header=f.header, voided=voided, mask=mask)
+        maps = condition_maps(f, path, idx, conditions, pooling) if conditions else None
+        return LatentSet(mu=mu, std=std, labels=labels, header=f.header, voided=voided, mask=mask, maps=maps)
+
+
+def condition_maps(f, path, rows, conditions, pooling: str) -> torch.Tensor:
+    """(N, K, d, h, w) latent-grid condition maps of ``rows`` of an open latents file."""
+    missing = [kind for kind in conditions if getattr(f, kind) is None]
+    if missing:
+        raise InputError(
+            f"{path} has no {' or '.join(repr(k) for k in missing)} dataset, but the ldm's `conditions` name "
+            f"{missing}: the sample sheet needs a {' and '.join(missing)} column filled for every row; then "
+            "rerun export_latents"
+        )
+    return spatial.read_latent_maps(lambda kind, idx: getattr(f, kind)[idx], conditions, f.mu.shape[2:], pooling,
+                                    len(f.header.label_names), rows, where=str(path))
 
 
 def batch_weights(labels: torch.Tensor, balance: bool) -> torch.Tensor:
@@ -112,10 +130,12 @@ def run_key(settings: dict, latents_sha256: str) -> str:
     """Identity of a training run: model, strategy, train settings (bar the resumable ones), data,
     and the task when it is not the default (so generation runs keep their keys)."""
     task = settings.get("task", "generate")
+    maps = {"conditions": settings["conditions"], "conditions_pooling": settings.get("conditions_pooling", "area")} \
+        if settings.get("conditions") else {}
     return config_hash({
         "model": settings["model"], "strategy": settings["strategy"],
         "train": {k: v for k, v in settings["train"].items() if k not in _RESUMABLE},
-        "latents_sha256": latents_sha256, **({"task": task} if task != "generate" else {}),
+        "latents_sha256": latents_sha256, **({"task": task} if task != "generate" else {}), **maps,
     })
 
 
@@ -158,7 +178,13 @@ class Trainer:
         if self.task not in inpainting.TASKS:
             raise InputError(f"ldm task {self.task!r} is unknown; choose one of {list(inpainting.TASKS)}")
         inpaint = self.task == "inpaint"
-        data = load_latent_set(self.latents_path, cfg["splits"], posterior=mode == "posterior", inpaint=inpaint)
+        self.conditions = spatial.check_kinds(self.settings.get("conditions") or [], "ldm conditions")
+        self.pooling = self.settings.get("conditions_pooling", "area")
+        if inpaint and self.conditions:
+            raise InputError("an ldm with task inpaint cannot also have spatial `conditions` (yet); drop one")
+        maps = {"conditions": self.conditions, "pooling": self.pooling}
+        data = load_latent_set(self.latents_path, cfg["splits"], posterior=mode == "posterior", inpaint=inpaint,
+                               **maps)
         self.header = data.header
         if not data.header.scale_factor or data.header.scale_factor <= 0:
             raise InputError(f"{self.latents_path}: scale_factor {data.header.scale_factor} is not positive")
@@ -180,7 +206,7 @@ class Trainer:
             has_val = any(not inpaint or f.mask[int(i)].any() for i in val_rows)
         self.val_mu = self.val_labels = self.val_cond = None
         if has_val:  # validation loss on the held-out posterior means
-            val = load_latent_set(self.latents_path, ["val"], inpaint=inpaint)
+            val = load_latent_set(self.latents_path, ["val"], inpaint=inpaint, **maps)
             self.val_mu, self.val_labels = val.mu.to(self.device), val.labels.to(self.device)
             self.val_cond = self._condition(val)
         select = cfg["select"]
@@ -190,8 +216,8 @@ class Trainer:
                                    cfg["patience"])
         self.vae = None  # the decoder of the live samples
         if cfg["sample_every"] and self.cond is not None:
-            log.warning("train.sample_every: live samples are drawn for generation models only; "
-                        "this inpainting model shows none")
+            log.warning("train.sample_every: live samples are drawn for models without extra input "
+                        "channels only; this (inpainting or spatially conditioned) model shows none")
         elif cfg["sample_every"] and is_main_process():
             if self.vae_path is None:
                 raise InputError("ldm train.sample_every > 0 needs the autoencoder (--vae vae.pt) to decode "
@@ -200,7 +226,10 @@ class Trainer:
         log.info("training on %d latents of shape %s (%d classes)", len(self.mu), self.latent_shape, self.num_classes)
 
     def _condition(self, data: LatentSet) -> torch.Tensor | None:
-        """An inpainting model's (N, C + 1, d, h, w) condition for every row (scaled), else None."""
+        """An inpainting model's (N, C + 1, d, h, w) condition for every row (scaled), a spatially
+        conditioned model's (N, K, d, h, w) maps, else None."""
+        if data.maps is not None:
+            return data.maps.to(self.device)
         if data.voided is None:
             return None
         return inpainting.conditioning(data.voided * self.header.scale_factor, data.mask).to(self.device)
@@ -210,7 +239,11 @@ class Trainer:
         seed_everything(cfg["seed"])
         self.strategy = diffusion.build_strategy(self.settings["strategy"])
         self.min_snr_gamma = self.settings["strategy"].get("min_snr_gamma")
-        self.conditioning = inpainting.conditioning_record(self.latent_shape[0]) if self.cond is not None else None
+        self.conditioning = None
+        if self.conditions:
+            self.conditioning = spatial.record(self.conditions, self.header.label_names, self.pooling)
+        elif self.cond is not None:
+            self.conditioning = inpainting.conditioning_record(self.latent_shape[0])
         self.model = build_diffusion_model(self.settings["model"], self.latent_shape[0], self.num_classes,
                                            cond_channels=self.conditioning["channels"] if self.conditioning else 0)
         self.model.to(self.device)
@@ -267,6 +300,8 @@ class Trainer:
             x0 = x0 + self.std[idx] * torch.randn_like(x0)
         labels = diffusion.drop_labels(self.labels[idx], self.cfg["class_dropout"], self.null_class)
         cond = None if self.cond is None else self.cond[idx]
+        if self.conditions:
+            cond = spatial.drop_maps(cond, self.cfg.get("condition_dropout", 0.0))
         return x0 * self.header.scale_factor, labels, cond
 
     def _train_step(self) -> torch.Tensor:
