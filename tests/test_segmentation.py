@@ -1,0 +1,148 @@
+"""The segmentation evaluation: Dice on volumes of known overlap, the control's seeded pairing with
+real test maps, a segmenter that learns a separable toy, the rules planned only when some set has
+label maps, and clear messages for label maps that do not fit."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medldm.data import h5layout
+from medldm.errors import InputError
+from medldm.evaluation import segmentation as seg
+from tests.conftest import REPO, run_snakemake
+
+LABELS = ["background", "CSF", "GM", "WM"]
+TOY = {"channels": [4, 8], "num_res_units": 1, "steps": 40, "batch_size": 2, "lr": 1e-2, "bootstrap": 50, "seed": 0}
+
+
+def cube(grid: int, start: tuple[int, int, int], side: int) -> np.ndarray:
+    mask = np.zeros((grid,) * 3, bool)
+    x, y, z = start
+    mask[x:x + side, y:y + side, z:z + side] = True
+    return mask
+
+
+def test_dice_of_shifted_cubes():
+    """4-voxel cubes shifted by one voxel overlap in 3x4x4 = 48 of 64 voxels: Dice 2*48/128 = 0.75;
+    an identical cube scores 1; a label absent from the target is NaN (not scored)."""
+    target, predicted = np.zeros((1, 12, 12, 12), np.uint8), np.zeros((1, 12, 12, 12), np.uint8)
+    target[0][cube(12, (1, 1, 1), 4)] = 1
+    predicted[0][cube(12, (2, 1, 1), 4)] = 1
+    target[0][cube(12, (6, 6, 6), 3)] = 2
+    predicted[0][cube(12, (6, 6, 6), 3)] = 2
+    dice = seg.dice_per_label(predicted, target, len(LABELS))
+    assert dice.shape == (1, 3)
+    np.testing.assert_allclose(dice[0, :2], [0.75, 1.0])
+    assert np.isnan(dice[0, 2])
+
+
+def test_dice_summary_has_intervals_per_label():
+    values = np.array([[0.5, 1.0, np.nan], [0.7, 0.8, 0.6], [0.9, 0.9, 0.4]])
+    summary = seg.summarise_dice(values, LABELS, replicates=200, seed=0)
+    assert summary["CSF"]["mean"] == pytest.approx(0.7)
+    assert summary["WM"]["mean"] == pytest.approx(0.5) and summary["WM"]["n"] == 3
+    assert summary["CSF"]["ci_low"] <= 0.7 <= summary["CSF"]["ci_high"]
+    assert summary["mean"]["mean"] == pytest.approx(np.mean([0.75, 0.8, 2.2 / 3]))
+
+
+def test_control_pairing_is_a_seeded_cover_of_the_test_subjects():
+    first = seg.control_pairing(7, 3, seed=4)
+    assert np.array_equal(first, seg.control_pairing(7, 3, seed=4))
+    assert sorted(first[:3]) == [0, 1, 2] and sorted(first[3:6]) == [0, 1, 2]  # every test map used in turn
+    assert any(not np.array_equal(first, seg.control_pairing(7, 3, seed=s)) for s in range(5, 10))
+    with pytest.raises(InputError, match="test split is empty"):
+        seg.control_pairing(2, 0, seed=0)
+
+
+def toy_pairs(n: int, seed: int, grid: int = 16) -> seg.Pairs:
+    """Noise volumes with a bright cube (label 1) and a dim cube (label 2) at random places."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 0.2, (n, grid, grid, grid)).astype(np.float32)
+    labels = np.zeros((n, grid, grid, grid), np.uint8)
+    for i in range(n):
+        for value, intensity in ((1, 1.0), (2, 0.5)):
+            m = cube(grid, tuple(rng.integers(0, grid - 6, 3)), 6) & (labels[i] == 0)
+            labels[i][m], images[i][m] = value, intensity
+    return seg.Pairs(images, labels)
+
+
+def test_segmenter_learns_a_separable_toy():
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    model = seg.train_segmenter(toy_pairs(8, seed=0), TOY, 3, device, seed=0)
+    scores = seg.score(model, toy_pairs(4, seed=1), TOY, ["background", "bright", "dim"], device)
+    assert scores["dice"]["bright"]["mean"] > 0.8, scores["dice"]
+    assert scores["dice"]["dim"]["mean"] > 0.6, scores["dice"]
+
+
+def test_label_value_beyond_the_labels_is_refused():
+    maps = np.zeros((4, 4, 4), np.uint8)
+    maps[0, 0, 0] = 5
+    with pytest.raises(InputError, match=r"volumes.h5: dataset label.*label value 5.*4 labels"):
+        seg.check_label_maps(maps, 4, "volumes.h5: dataset label, row 0")
+
+
+def _write_set(path: Path, n: int, label_names: list[str], maps: np.ndarray | None) -> None:
+    header = h5layout.Header(grid_affine=np.eye(4), grid_shape=(8, 8, 8), class_names=["HC", "TLE"],
+                             label_names=label_names, settings={})
+    with h5layout.create_volumes(path, n, header, with_labels=maps is not None) as writer:
+        for i in range(n):
+            writer.append(f"s{i}", 0, "synthetic", image=np.zeros((8, 8, 8), np.float32),
+                          **({"label": maps[i]} if maps is not None else {}))
+
+
+def test_a_set_with_other_labels_is_refused(tmp_path):
+    from workflow_scripts.evaluate_segmentation import synthetic_pairs
+
+    path = tmp_path / "volumes.h5"
+    _write_set(path, 2, ["background", "tumour"], np.zeros((2, 8, 8, 8), np.uint8))
+    with h5layout.open_volumes(path) as volumes, pytest.raises(InputError, match=r"volumes.h5: label maps of labels"):
+        synthetic_pairs(volumes, LABELS)
+
+
+def test_a_cohort_without_label_maps_is_refused(tmp_path):
+    from workflow_scripts.train_segmenter import main
+
+    manifest = tmp_path / "manifest.tsv"
+    image = tmp_path / "a.nii.gz"
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), image)
+    manifest.write_text("subject_id\tclass\tsplit\timage\tlabel\tmask\n"
+                        f"a\tHC\ttrain\t{image}\t\t\n")
+    with pytest.raises(InputError, match=r"manifest.tsv: the subjects have no label maps \(sample sheet column `label`\)"):
+        main(["--manifest", str(manifest), "--classes", "HC,TLE", "--labels", ",".join(LABELS),
+              "--settings", "{}", "--out-model", str(tmp_path / "m.pt"), "--out-json", str(tmp_path / "m.json")])
+    assert not (tmp_path / "m.pt").exists()
+
+
+def planned(workdir: Path, config: dict | None, *extra: str) -> set[str]:
+    done = run_snakemake(workdir, "-n", "--quiet", "rules", *extra, config=config)
+    return set(re.findall(r"^(\w+)\s+\d+$", done.stdout, re.M)) - {"total"}
+
+
+SEGMENTATION_RULES = {"train_segmenter", "evaluate_segmentation"}
+
+
+def test_default_demo_plans_no_segmentation(tmp_path):
+    jobs = planned(tmp_path, None, "--configfile", str(REPO / "config" / "config.yaml"))
+    assert "train_vae" in jobs and not jobs & SEGMENTATION_RULES
+
+
+def test_sets_with_label_maps_plan_the_segmentation(tmp_path, test_config):
+    assert SEGMENTATION_RULES <= planned(tmp_path, test_config)
+
+
+def test_auto_mode_follows_label_maps_and_the_switch_overrides(tmp_path, test_config):
+    test_config["vae"]["demo"]["paired_labels"] = False
+    assert not planned(tmp_path, test_config) & SEGMENTATION_RULES
+    test_config["evaluate"]["segmentation"]["enabled"] = True  # every set, as a control
+    assert SEGMENTATION_RULES <= planned(tmp_path, test_config)
+    test_config["vae"]["demo"]["paired_labels"] = True
+    test_config["evaluate"]["segmentation"]["enabled"] = False
+    assert not planned(tmp_path, test_config) & SEGMENTATION_RULES
