@@ -208,3 +208,25 @@ def test_auto_mode_follows_label_maps_and_the_switch_overrides(tmp_path, test_co
     test_config["vae"]["demo"]["paired_labels"] = True
     test_config["evaluate"]["segmentation"]["enabled"] = False
     assert not planned(tmp_path, test_config) & SEGMENTATION_RULES
+
+
+def test_report_shows_the_dice_table_and_contours(tmp_path):
+    from medldm.report.page import _segmentation_section
+
+    maps = np.zeros((2, 8, 8, 8), np.uint8)
+    maps[:, 2:6, 2:6, 2:6] = 1
+    _write_set(tmp_path / "volumes.h5", 2, ["background", "bright"], maps)
+    dice = {"bright": {"mean": 0.812, "ci_low": 0.7, "ci_high": 0.9, "n": 2},
+            "mean": {"mean": 0.812, "ci_low": 0.7, "ci_high": 0.9, "n": 2}}
+    scored = {"per_subject": [[0.8], [0.82]], "dice": dice}
+    segmenter = {"labels": ["background", "bright"], "test": scored}
+    results = {"cond": {"labels": ["background", "bright"], "adherence": {"kind": "adherence", **scored},
+                        "arms": {"real": scored, "synthetic": scored}},
+               "plain": {"labels": ["background", "bright"], "adherence": {"kind": "control", **scored},
+                         "arms": {"real": scored}}}
+    sets = {"cond": {"volumes": str(tmp_path / "volumes.h5")}, "plain": {"volumes": "absent.h5"}}
+    section = _segmentation_section(segmenter, results, sets, tmp_path, contour_volumes=1)
+    page = "".join(section.parts)
+    assert page.count("0.812 [0.7, 0.9]") == 2 * 4  # ceiling, adherence, synthetic, control: label and mean
+    assert "control: segmenter on the synthetic volumes vs randomly paired real test maps" in page
+    assert (tmp_path / "contours_cond.png").is_file() and not (tmp_path / "contours_plain.png").exists()

@@ -503,7 +503,7 @@ def _segmentation_section(segmenter: dict | None, results: dict[str, dict], sets
             if arm in r["arms"]:
                 rows.append(_dice_cells({"set": name, "measure": SEGMENTATION_MEASURES[arm],
                                          "n": len(r["arms"][arm]["per_subject"])}, r["arms"][arm]["dice"]))
-    section.html(table(rows, [("set", "set"), ("measure", "measure"), ("n", "volumes"),
+    section.html(table(rows, [("set", "set"), ("measure", "measure"), ("n", "volumes scored"),
                               *[(label, label) for label in labels[1:]], ("mean", "mean over labels")]))
     for name, r in results.items():
         if r["adherence"]["kind"] != "adherence" or not contour_volumes:
