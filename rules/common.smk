@@ -525,8 +525,9 @@ def report_index():
             if SALIENCY and not inpaint
             else [],
             "inpainting": f"{evaluation}/inpainting.json" if inpaint else None,
-            "segmentation": f"{evaluation}/segmentation.json" if name in segmentation_sets() else None,
         }
+        if name in segmentation_sets():  # only then: a class-only run's report params stay as they were
+            index["sample_sets"][name]["segmentation"] = f"{evaluation}/segmentation.json"
     if SEGMENTATION:
         index["segmenter"] = f"{SEGMENTER_DIR}/segmenter.json"
     return index
@@ -545,7 +546,7 @@ def report_inputs():
                 files[f"reconstruction_{name}"] = entry["reconstruction"]
     for name, entry in index["sample_sets"].items():
         for key in ("volumes", "metrics", "classifier", "saliency", "inpainting", "segmentation"):
-            if entry[key]:
+            if entry.get(key):
                 files[f"{key}_{name}"] = entry[key]
     return files
 
