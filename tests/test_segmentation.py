@@ -230,3 +230,10 @@ def test_report_shows_the_dice_table_and_contours(tmp_path):
     assert page.count("0.812 [0.7, 0.9]") == 2 * 4  # ceiling, adherence, synthetic, control: label and mean
     assert "control: segmenter on the synthetic volumes vs randomly paired real test maps" in page
     assert (tmp_path / "contours_cond.png").is_file() and not (tmp_path / "contours_plain.png").exists()
+
+
+@pytest.mark.parametrize("network", ["unet", "segresnet"])
+def test_segment_keeps_a_grid_the_network_cannot_halve(network):
+    settings = {"network": network, "channels": [4, 8, 16], "init_filters": 4}
+    model = seg.build_segmenter(settings, 4).eval()
+    assert seg.segment(model, np.zeros((1, 13, 16, 10), np.float32), torch.device("cpu"), settings).shape == (1, 13, 16, 10)
