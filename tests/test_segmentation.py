@@ -87,12 +87,14 @@ def test_label_value_beyond_the_labels_is_refused():
         seg.check_label_maps(maps, 4, "volumes.h5: dataset label, row 0")
 
 
-def _write_set(path: Path, n: int, label_names: list[str], maps: np.ndarray | None) -> None:
+def _write_set(path: Path, n: int, label_names: list[str], maps: np.ndarray | None,
+               sources: list[str] | None = None) -> None:
     header = h5layout.Header(grid_affine=np.eye(4), grid_shape=(8, 8, 8), class_names=["HC", "TLE"],
                              label_names=label_names, settings={})
-    with h5layout.create_volumes(path, n, header, with_labels=maps is not None) as writer:
+    with h5layout.create_volumes(path, n, header, with_labels=maps is not None, with_source=bool(sources)) as writer:
         for i in range(n):
             writer.append(f"s{i}", 0, "synthetic", image=np.zeros((8, 8, 8), np.float32),
+                          source_id=sources[i] if sources else None,
                           **({"label": maps[i]} if maps is not None else {}))
 
 
@@ -160,6 +162,25 @@ def test_control_is_scored_against_seeded_real_test_maps(segmenter, tmp_path):
     maps = np.stack([np.asarray(nib.load(manifest.parent / f"{sid}_label.nii.gz").dataobj)
                      for sid in result["adherence"]["paired_with"]])
     np.testing.assert_allclose(result["adherence"]["per_subject"], seg.dice_per_label(predicted, maps, 3), rtol=1e-6)
+
+
+def test_a_set_with_maps_gets_adherence_and_train_on_synthetic_arms(segmenter, tmp_path):
+    """Maps of real test subjects in the training pairs are named (the arms have seen them)."""
+    import json
+
+    from workflow_scripts.evaluate_segmentation import main
+
+    manifest, model = segmenter
+    toy = toy_pairs(2, seed=5, grid=8)
+    _write_set(tmp_path / "volumes.h5", 2, ["background", "bright", "dim"], toy.labels, sources=["r4", "x"])
+    main([*_args(manifest, ["background", "bright", "dim"]), "--volumes", str(tmp_path / "volumes.h5"),
+          "--segmenter", str(model), "--out-json", str(tmp_path / "out.json")])
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["adherence"]["kind"] == "adherence" and len(result["adherence"]["per_subject"]) == 2
+    assert result["adherence"]["conditioned_on_test_subjects"] == ["r4"]
+    assert set(result["arms"]) == {"real", "synthetic", "real+synthetic"}
+    assert result["arms"]["real+synthetic"]["n_train"] == 3 + 2
+    assert result["arms"]["synthetic"]["subjects"] == ["r3", "r4", "r5"]
 
 
 def test_a_set_with_another_label_count_is_refused(segmenter, tmp_path):

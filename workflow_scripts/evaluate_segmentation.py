@@ -88,6 +88,11 @@ def main(argv=None) -> int:
         for label, d in adherence["dice"].items():
             log.info("%s Dice %s: %.3f [%.3f, %.3f]", adherence["kind"], label, d["mean"], d["ci_low"], d["ci_high"])
         if maps is not None:
+            leaked = sorted(set(volumes.source_ids or []) & set(real["test"].subject_ids))
+            if leaked:  # conditions from the test split: its maps are in the synthetic training pairs
+                log.warning("%d synthetic volumes were made from real test subjects' maps (source_id): the "
+                            "train-on-synthetic arms have seen those test label maps", len(leaked))
+            adherence["conditioned_on_test_subjects"] = leaked
             train = {"synthetic": target, "real+synthetic": seg.Pairs.concat(real["train"], target)}
             for arm, data in train.items():
                 log.info("arm %s: %d training pairs, %d steps", arm, len(data), settings.get("steps", 500))

@@ -503,6 +503,11 @@ def _segmentation_section(segmenter: dict | None, results: dict[str, dict], sets
             if arm in r["arms"]:
                 rows.append(_dice_cells({"set": name, "measure": SEGMENTATION_MEASURES[arm],
                                          "n": len(r["arms"][arm]["per_subject"])}, r["arms"][arm]["dice"]))
+    leaked = [name for name, r in results.items() if r["adherence"].get("conditioned_on_test_subjects")]
+    if leaked:
+        section.text(f"Sets {', '.join(leaked)} were conditioned on real test subjects' maps, so their train-on-"
+                     "synthetic rows have seen the test label maps (not the test images): read them as optimistic.",
+                     "warn")
     section.html(table(rows, [("set", "set"), ("measure", "measure"), ("n", "volumes scored"),
                               *[(label, label) for label in labels[1:]], ("mean", "mean over labels")]))
     for name, r in results.items():
