@@ -543,6 +543,47 @@ def inpainting_settings(wildcards):
     })
 
 
+# Segmentation evaluation (rules/evaluate.smk): a segmenter trained once on the real subjects'
+# label maps (like the FID reference), and per sample set segmentation.json: adherence of its label
+# maps (or the control, for a set without maps) and train-on-synthetic Dice. Auto mode plans it only
+# when some set has label maps, so the class-only default demo does not get these jobs.
+SEGMENTER_DIR = f"{EVAL}/segmenter"
+
+
+def set_has_labels(name):
+    """Whether a sample set's volumes.h5 carries `label`: a paired-label or label-map autoencoder,
+    or conditions on its ldm or on the set."""
+    entry = config["sample_sets"][name]
+    ldm = ldm_entry(entry["ldm"])
+    vae = config["vae"].get(ldm["vae"], {})
+    return bool(vae.get("paired_labels") or vae.get("inputs") == "labels" or ldm.get("conditions")
+                or entry.get("conditions"))
+
+
+def segmentation_enabled():
+    enabled = EVALUATE["segmentation"]["enabled"]
+    if enabled is None:
+        enabled = any(set_has_labels(name) for name in config.get("sample_sets", {}))
+    if enabled and not (SAMPLES["label"] != "").all():
+        raise WorkflowError(
+            "config: evaluate.segmentation needs a label map for every subject (sample sheet column "
+            "`label`), and some rows have none; add them, or set evaluate.segmentation.enabled: false"
+        )
+    return enabled
+
+
+def segmentation_sets():
+    """The sample sets scored by evaluate_segmentation: all but inpaint sets and sets without images."""
+    if not SEGMENTATION:
+        return []
+    return [name for name in config.get("sample_sets", {})
+            if not is_inpaint_set(name)
+            and config["vae"].get(ldm_entry(config["sample_sets"][name]["ldm"])["vae"], {}).get("inputs") != "labels"]
+
+
+SEGMENTATION = segmentation_enabled()
+
+
 def report_index():
     """What the report shows, by name: the --inputs JSON of workflow_scripts/report.py."""
     index = {
@@ -583,6 +624,10 @@ def report_index():
             else [],
             "inpainting": f"{evaluation}/inpainting.json" if inpaint else None,
         }
+        if name in segmentation_sets():  # only then: a class-only run's report params stay as they were
+            index["sample_sets"][name]["segmentation"] = f"{evaluation}/segmentation.json"
+    if SEGMENTATION:
+        index["segmenter"] = f"{SEGMENTER_DIR}/segmenter.json"
     return index
 
 
@@ -590,14 +635,16 @@ def report_inputs():
     """Every file the report reads (the run directories' metrics.csv are read, not declared)."""
     index = report_index()
     files = {"manifest": index["manifest"], "fid_weights": index["fid_weights"]}
+    if "segmenter" in index:
+        files["segmenter"] = index["segmenter"]
     for kind in ("vae", "ldm"):
         for name, entry in index[kind].items():
             files[f"{kind}_{name}"] = entry["model"]
             if kind == "vae":
                 files[f"reconstruction_{name}"] = entry["reconstruction"]
     for name, entry in index["sample_sets"].items():
-        for key in ("volumes", "metrics", "classifier", "saliency", "inpainting"):
-            if entry[key]:
+        for key in ("volumes", "metrics", "classifier", "saliency", "inpainting", "segmentation"):
+            if entry.get(key):
                 files[f"{key}_{name}"] = entry[key]
     return files
 

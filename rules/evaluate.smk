@@ -3,7 +3,9 @@
 # batch size are runtime-only params, never a rerun trigger), image metrics and the
 # train-on-synthetic classifier per sample set (its real arm trained once per run, its
 # reconstruction arm once per autoencoder), inpainting scored inside the masks (inpaint sets,
-# instead of FID and the classifier), autoencoder reconstruction metrics, the report.
+# instead of FID and the classifier), the segmentation evaluation of label maps (a segmenter trained
+# once per run, then adherence and train-on-synthetic Dice per sample set), autoencoder
+# reconstruction metrics, the report.
 
 
 localrules:
@@ -237,6 +239,55 @@ rule evaluate_inpainting:
         "python -m workflow_scripts.evaluate_inpainting --volumes {input.volumes:q} --latents {input.latents:q}"
         " --vae {input.vae:q} --manifest {input.manifest:q} --settings {params.settings:q}"
         " --device {params.device} --out-json {output.json:q} --out-csv {output.csv:q} > {log} 2>&1"
+
+
+rule train_segmenter:
+    input:
+        manifest=f"{PREPARED}/manifest.tsv",
+    output:
+        model=f"{SEGMENTER_DIR}/segmenter.pt",
+        json=f"{SEGMENTER_DIR}/segmenter.json",
+    log:
+        f"{RESULTS}/logs/eval/train_segmenter.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        **rule_resources("train_segmenter"),
+    params:
+        settings=settings_json({k: v for k, v in EVALUATE["segmentation"].items() if k != "contour_volumes"}),
+        classes=",".join(config["classes"]),
+        labels=",".join(config["labels"]),
+        device=runtime_only(EVALUATE["device"]),
+    shell:
+        "python -m workflow_scripts.train_segmenter --manifest {input.manifest:q} --classes {params.classes:q}"
+        " --labels {params.labels:q} --settings {params.settings:q} --device {params.device}"
+        " --out-model {output.model:q} --out-json {output.json:q} > {log} 2>&1"
+
+
+rule evaluate_segmentation:
+    input:
+        volumes=f"{RESULTS}/synthetic/{{ldm}}/{{sample_set}}/volumes.h5",
+        segmenter=rules.train_segmenter.output.model,
+        manifest=f"{PREPARED}/manifest.tsv",
+    output:
+        f"{EVAL}/synthetic/{{ldm}}/{{sample_set}}/segmentation.json",
+    log:
+        f"{RESULTS}/logs/eval/{{ldm}}/{{sample_set}}/evaluate_segmentation.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        **rule_resources("evaluate_segmentation"),
+    params:
+        settings=rules.train_segmenter.params.settings,
+        classes=",".join(config["classes"]),
+        labels=",".join(config["labels"]),
+        device=runtime_only(EVALUATE["device"]),
+    shell:
+        "python -m workflow_scripts.evaluate_segmentation --volumes {input.volumes:q} --segmenter {input.segmenter:q}"
+        " --manifest {input.manifest:q} --classes {params.classes:q} --labels {params.labels:q}"
+        " --settings {params.settings:q} --device {params.device} --out-json {output:q} > {log} 2>&1"
 
 
 rule evaluate_reconstruction:

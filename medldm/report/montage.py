@@ -53,3 +53,41 @@ def save_montage(path: str | Path, volumes: Sequence[np.ndarray], titles: Sequen
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
+
+
+def save_contours(path: str | Path, volumes: Sequence[np.ndarray], label_maps: Sequence[np.ndarray],
+                  titles: Sequence[str], label_names: Sequence[str], axes: Sequence[str] = AXES) -> None:
+    """Write mid-slices of ``volumes`` with the boundaries of each foreground label of their
+    ``label_maps`` (values 1..L-1, one colour each) drawn on top, as a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not volumes:
+        raise ValueError("save_contours needs at least one volume")
+    colours = plt.get_cmap("tab10").colors
+    fig, grid = plt.subplots(len(volumes), len(axes), figsize=(2.2 * len(axes), 2.2 * len(volumes)),
+                             squeeze=False)
+    for row, (volume, maps, title) in enumerate(zip(volumes, label_maps, titles, strict=True)):
+        for col, name in enumerate(axes):
+            ax, axis = grid[row][col], AXES.index(name)
+            ax.imshow(mid_slice(np.asarray(volume), axis), cmap="gray", vmin=0, vmax=1)
+            labels = mid_slice(np.asarray(maps), axis)
+            for value in range(1, len(label_names)):
+                if (labels == value).any():
+                    ax.contour(labels == value, levels=[0.5], colors=[colours[(value - 1) % len(colours)]],
+                               linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(title, fontsize=8)
+    handles = [plt.Line2D([], [], color=colours[(v - 1) % len(colours)], label=label_names[v])
+               for v in range(1, len(label_names))]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
