@@ -105,3 +105,71 @@ def test_volumes_file_of_label_maps_without_images(tmp_path):
     with pytest.raises(ValueError, match="images, label maps or both"):
         with h5layout.create_volumes(tmp_path / "w.h5", 1, header, with_image=False):
             pass
+
+
+def _label_volumes(path, maps, names=LABELS) -> None:
+    """A volumes file of label maps alone, rows named like the toy subjects."""
+    header = h5layout.Header(grid_affine=np.eye(4), grid_shape=maps.shape[1:], class_names=["HC", "TLE"],
+                             label_names=names)
+    with h5layout.create_volumes(path, len(maps), header, with_labels=True, with_image=False) as writer:
+        for i, m in enumerate(maps):
+            writer.append(f"toy{i:02d}", i % 2, "synthetic", label=m)
+
+
+def test_label_maps_evaluation_compares_label_fractions(tmp_path):
+    from workflow_scripts import evaluate_label_maps
+
+    data = toy_set(4, splits=["train", "train", "test", "test"])
+    manifest = write_prepared(tmp_path / "prepared", data)
+    maps = np.zeros((3, 16, 16, 16), np.uint8)
+    maps[:, :8] = 2  # half GM
+    maps[0, :4] = 3  # a quarter WM in one map
+    _label_volumes(tmp_path / "v.h5", maps)
+    out = tmp_path / "label_maps.json"
+    assert evaluate_label_maps.main(["--volumes", str(tmp_path / "v.h5"), "--manifest", str(manifest),
+                                     "--classes", "HC,TLE", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["labels"] == LABELS and result["synthetic"]["GM"]["n"] == 3
+    assert result["synthetic"]["GM"]["mean"] == pytest.approx((0.25 + 0.5 + 0.5) / 3)
+    assert result["synthetic"]["WM"]["mean"] == pytest.approx(0.25 / 3)
+    assert result["synthetic"]["background"]["mean"] == pytest.approx(0.5) and result["synthetic"]["CSF"]["std"] == 0
+    real = data.labels[2:].numpy()
+    assert result["real"]["WM"]["mean"] == pytest.approx((real == 3).mean())
+
+
+def test_label_reconstructions_are_scored_by_dice_per_label(tmp_path):
+    from workflow_scripts import evaluate_reconstruction
+
+    data = toy_set(3, splits=["train", "test", "test"])
+    manifest = write_prepared(tmp_path / "prepared", data)
+    recon = data.labels.numpy().copy()
+    recon[2][recon[2] == 3] = 2  # subject 2: WM read as GM
+    _label_volumes(tmp_path / "r.h5", recon)
+    out = tmp_path / "reconstruction.json"
+    assert evaluate_reconstruction.main(["--reconstructions", str(tmp_path / "r.h5"), "--manifest", str(manifest),
+                                         "--classes", "HC,TLE", "--settings", "{}", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "ssim" not in result and result["n"] == 2
+    subjects = {s["subject_id"]: s for s in result["subjects"]}
+    assert subjects["toy01"] == {"subject_id": "toy01", "CSF": 1.0, "GM": 1.0, "WM": 1.0}
+    assert subjects["toy02"]["WM"] == 0.0 and subjects["toy02"]["CSF"] == 1.0
+    gm, true_gm = recon[2] == 2, data.labels[2].numpy() == 2
+    assert subjects["toy02"]["GM"] == pytest.approx(2 * (gm & true_gm).sum() / (gm.sum() + true_gm.sum()))
+    assert result["dice_per_label"]["WM"]["mean"] == pytest.approx(0.5)
+
+
+def test_report_shows_label_sets_as_label_maps(tmp_path):
+    from medldm.report.page import build_report
+
+    data = toy_set(4, splits=["train", "train", "test", "test"])
+    manifest = write_prepared(tmp_path / "prepared", data)
+    _label_volumes(tmp_path / "v.h5", data.labels.numpy())
+    fractions = {"mean": 0.25, "std": 0.01, "n": 4}
+    (tmp_path / "label_maps.json").write_text(json.dumps(
+        {"labels": LABELS, "synthetic": dict.fromkeys(LABELS, fractions), "real": dict.fromkeys(LABELS, fractions)}))
+    inputs = {"manifest": str(manifest), "sample_sets": {"gen": {
+        "ldm": "labels", "volumes": str(tmp_path / "v.h5"), "metrics": None, "classifier": None, "saliency": [],
+        "inpainting": None, "label_maps": str(tmp_path / "label_maps.json")}}}
+    page = build_report(inputs, {"classes": ["HC", "TLE"]}, tmp_path / "figures", 2)
+    assert "Label maps" in page and "0.25 ± 0.01" in page and "sample set gen (label maps)" in page
+    assert (tmp_path / "figures" / "synthetic_gen_HC.png").stat().st_size > 1000
