@@ -50,9 +50,12 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> None:
-    """Write a NIfTI volume atomically; dtype is kept as given (float32 images, uint8 labels)."""
+def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, descrip: str = "") -> None:
+    """Write a NIfTI volume atomically; dtype is kept as given (float32 images, uint8 labels);
+    ``descrip``: the header's description (at most 80 bytes, cut beyond)."""
     img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
+    if descrip:
+        img.header["descrip"] = descrip.encode()[:80]
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     with atomic_path(path) as tmp:

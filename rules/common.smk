@@ -325,8 +325,32 @@ def check_set_conditions(name, entry, seen=()):
         check_set_conditions(source, source_entry, (*seen, name))
 
 
+def check_label_autoencoders():
+    """`vae.<name>.inputs: labels` needs label maps in the sheet and excludes paired_labels."""
+    for name, entry in config["vae"].items():
+        if entry["inputs"] != "labels":
+            continue
+        if entry["paired_labels"]:
+            raise WorkflowError(
+                f"config: vae.{name}.inputs is labels (label maps alone) and vae.{name}.paired_labels is "
+                "true (image + labels): set paired_labels: false, or inputs: image"
+            )
+        if not HAS_LABELS:
+            raise WorkflowError(
+                f"config: vae.{name}.inputs is labels but the sample sheet has no label maps: fill its "
+                "`label` column for every subject (and list their names in `labels`), or set inputs: image"
+            )
+
+
+def is_label_set(name):
+    """A sample set of an ldm on a label-map autoencoder: label maps, no images (no image metrics)."""
+    vae = config["vae"].get(ldm_entry(config["sample_sets"][name]["ldm"])["vae"], {})
+    return vae.get("inputs") == "labels"
+
+
 def check_models():
     """Refuse, before any job, models and sample sets that cannot be right."""
+    check_label_autoencoders()
     for name, entry in config["ldm"].items():
         train = entry["train"]
         if "test" in train["splits"] and not train["allow_test_split"]:
@@ -384,7 +408,9 @@ def trainer_settings(entry):
     """A vae or ldm entry as its trainer's --settings: what changes the trained model (no
     `inference` section, no TRAIN_CADENCE keys)."""
     train = {k: v for k, v in entry["train"].items() if k not in (*TRAIN_CADENCE, "allow_test_split")}
-    return settings_json({**{k: v for k, v in entry.items() if k != "inference"}, "train": train})
+    # `inputs: image` (the default) is left out, so that image autoencoders keep their rerun trigger
+    kept = {k: v for k, v in entry.items() if k != "inference" and (k, v) != ("inputs", "image")}
+    return settings_json({**kept, "train": train})
 
 
 # Inference keys that change how many volumes or windows go through the network at once, not
@@ -611,19 +637,23 @@ def report_index():
         synthetic, evaluation = sample_set_dirs(name)
         vae = ldm_entry(sample_set["ldm"])["vae"]
         inpaint = is_inpaint_set(name)
+        labels = is_label_set(name)  # label maps: their own evaluation, no image metrics
+        images = not (inpaint or labels)
         index["sample_sets"][name] = {
             "ldm": sample_set["ldm"],
             "volumes": f"{synthetic}/volumes.h5",
-            "metrics": None if inpaint else f"{evaluation}/image_metrics.json",
-            "classifier": f"{evaluation}/classifier.json" if CLASSIFIER and not inpaint else None,
+            "metrics": f"{evaluation}/image_metrics.json" if images else None,
+            "classifier": f"{evaluation}/classifier.json" if CLASSIFIER and images else None,
             "saliency": [
                 f"{folder}/saliency.png"
                 for folder in (evaluation, REAL_ARM_DIR, reconstruction_arm_dir(vae))
             ]
-            if SALIENCY and not inpaint
+            if SALIENCY and images
             else [],
             "inpainting": f"{evaluation}/inpainting.json" if inpaint else None,
         }
+        if labels:
+            index["sample_sets"][name]["label_maps"] = f"{evaluation}/label_maps.json"
         if name in segmentation_sets():  # only then: a class-only run's report params stay as they were
             index["sample_sets"][name]["segmentation"] = f"{evaluation}/segmentation.json"
     if SEGMENTATION:
@@ -643,7 +673,7 @@ def report_inputs():
             if kind == "vae":
                 files[f"reconstruction_{name}"] = entry["reconstruction"]
     for name, entry in index["sample_sets"].items():
-        for key in ("volumes", "metrics", "classifier", "saliency", "inpainting", "segmentation"):
+        for key in ("volumes", "metrics", "classifier", "saliency", "inpainting", "segmentation", "label_maps"):
             if entry.get(key):
                 files[f"{key}_{name}"] = entry[key]
     return files

@@ -290,6 +290,24 @@ rule evaluate_segmentation:
         " --settings {params.settings:q} --device {params.device} --out-json {output:q} > {log} 2>&1"
 
 
+rule evaluate_label_maps:
+    input:
+        volumes=f"{RESULTS}/synthetic/{{ldm}}/{{sample_set}}/volumes.h5",
+        manifest=f"{PREPARED}/manifest.tsv",
+    output:
+        f"{EVAL}/synthetic/{{ldm}}/{{sample_set}}/label_maps.json",
+    log:
+        f"{RESULTS}/logs/eval/{{ldm}}/{{sample_set}}/evaluate_label_maps.log",
+    conda:
+        "../envs/torch.yaml"
+    params:
+        classes=",".join(config["classes"]),
+        split=EVALUATE["real_split"],
+    shell:
+        "python -m workflow_scripts.evaluate_label_maps --volumes {input.volumes:q} --manifest {input.manifest:q}"
+        " --classes {params.classes:q} --split {params.split} --out {output:q} > {log} 2>&1"
+
+
 rule evaluate_reconstruction:
     input:
         reconstructions=reconstructions_h5(),

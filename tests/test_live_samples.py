@@ -60,3 +60,17 @@ def test_live_samples_need_the_autoencoder(tmp_path, real_vae):
     vae, latents = real_vae
     with pytest.raises(InputError, match="sample_every > 0 needs the autoencoder"):
         _trainer(tmp_path, vae, latents, "x", vae_path=False, sample_every=4)
+
+
+def test_live_samples_of_a_label_map_autoencoder_show_label_maps(tmp_path):
+    settings = vae_settings(inputs="labels")
+    torch.manual_seed(0)
+    net = ae.build_autoencoder(settings["model"], 4)
+    path = tmp_path / "vae.pt"
+    ae.save_vae(path, net, {"settings": settings, "channels": 4, "classes": ["HC", "TLE"],
+                            "labels": ["background", "CSF", "GM", "WM"], "grid_shape": [8, 8, 8],
+                            "latent_shape": [2, 4, 4, 4]})
+    latents = make_latents(tmp_path / "latents.h5", path)
+    trainer = _trainer(tmp_path, path, latents, "labels", sample_every=4, sample_volumes=2, sample_steps=2)
+    assert trainer.vae_labels == 4
+    assert trainer.live_samples(0).stat().st_size > 1000

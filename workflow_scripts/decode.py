@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Decode a latents HDF5 file (export_latents' real latents, or sampled ones) with vae.pt.
 
-Writes volumes.h5 (a volumes file: all images, and label maps in paired-label mode) and one
-NIfTI per volume, <nifti-dir>/<id>/image.nii.gz (+ label.nii.gz), each with its row's affine:
-a real subject's reconstruction sits where that subject's prepared image sits; a generated
-volume (no source subject) uses the prepared grid's reference affine (the first subject's).
+Writes volumes.h5 (a volumes file: all images, and label maps in paired-label mode; label maps
+alone for a label-map autoencoder, ``inputs: labels``) and one NIfTI per volume,
+<nifti-dir>/<id>/image.nii.gz (+ label.nii.gz, uint8), each with its row's affine: a real
+subject's reconstruction sits where that subject's prepared image sits; a generated volume (no
+source subject) uses the prepared grid's reference affine (the first subject's). Label maps
+name their labels in <nifti-dir>/labels.json ({"0": "background", ...}) and in each
+label.nii.gz header's ``descrip`` ("labels: 0=background 1=CSF ...", cut at 80 bytes).
 
 Inpainted sets (latents with ``mask`` and ``source_id``): each decoded volume gets its source's
 prepared voxels pasted back outside its mask (read through ``--manifest``), blended over
@@ -32,7 +35,7 @@ from medldm.data import h5layout
 from medldm.data.cohort import load_prepared
 from medldm.data.masks import paste_back
 from medldm.errors import InputError, run_cli
-from medldm.io import save_nifti
+from medldm.io import save_nifti, write_json
 from medldm.provenance import check_autoencoder
 from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings
@@ -74,6 +77,11 @@ def source_volumes(latents: h5layout.H5File, manifest: Path | None, with_labels:
                   None if real.labels is None else real.labels[row_of[sid]].numpy()) for sid in set(latents.source_ids)}
 
 
+def label_names_text(names: list[str]) -> str:
+    """The label names as a NIfTI ``descrip``: "labels: 0=background 1=CSF ..."."""
+    return "labels: " + " ".join(f"{i}={name}" for i, name in enumerate(names))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", required=True, type=Path, help="vae.pt from train_vae")
@@ -92,7 +100,8 @@ def main(argv=None) -> int:
     blend = int(inference.get("blend_voxels", 0))
     device = pick_device(args.device)
     net, vae = ae.load_vae(args.vae, device)
-    paired = vae["settings"]["paired_labels"]
+    only_labels = ae.labels_only(vae["settings"])
+    paired = vae["settings"]["paired_labels"] or only_labels  # label maps come out
 
     with h5layout.open_latents(args.latents) as latents:
         check_match(latents, vae, args.vae)
@@ -107,11 +116,16 @@ def main(argv=None) -> int:
         )
         inpainted = latents.mask is not None and latents.source_ids is not None
         sources = source_volumes(latents, args.manifest, paired) if inpainted else {}
+        descrip = label_names_text(header.label_names) if with_labels else ""
+        if with_labels:
+            write_json(args.nifti_dir / "labels.json", dict(enumerate(header.label_names)))
         with h5layout.create_volumes(args.out, len(latents), header, with_labels=with_labels,
+                                     with_image=not only_labels,
                                      with_masks=latents.mask is not None,
                                      with_source=latents.source_ids is not None) as writer:
-            for start, images, labels in ae.decode_set(net, latents.mu, inference, device):
-                for j, image in enumerate(images):
+            for start, images, labels in ae.decode_set(net, latents.mu, inference, device, only_labels=only_labels):
+                for j in range(len(labels if only_labels else images)):
+                    image = None if only_labels else images[j]
                     i = start + j
                     sid = latents.subject_ids[i]
                     label, affine = None if labels is None else labels[j], latents.affines[i]
@@ -121,12 +135,13 @@ def main(argv=None) -> int:
                     source_id = None if latents.source_ids is None else latents.source_ids[i]
                     if inpainted:
                         original, original_label = sources[source_id]
-                        image = paste_back(image, original, mask, blend)
+                        image = None if image is None else paste_back(image, original, mask, blend)
                         if label is not None and original_label is not None:
                             label = np.where(mask > 0, label, original_label).astype(np.uint8)
-                    save_nifti(args.nifti_dir / sid / "image.nii.gz", image, affine)
+                    if image is not None:
+                        save_nifti(args.nifti_dir / sid / "image.nii.gz", image, affine)
                     if label is not None:
-                        save_nifti(args.nifti_dir / sid / "label.nii.gz", label, affine)
+                        save_nifti(args.nifti_dir / sid / "label.nii.gz", label, affine, descrip)
                     writer.append(sid, int(latents.class_index[i]), latents.splits[i], affine=affine,
                                   source_id=source_id, image=image, label=label, mask=mask)
     pasted = f", source voxels pasted back outside the masks (blend {blend})" if inpainted else ""

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Fidelity of an autoencoder: SSIM and PSNR of its reconstructions of the real subjects of one
-split (test by default), matched to the prepared volumes by subject id."""
+split (test by default), matched to the prepared volumes by subject id; for a label-map
+autoencoder (reconstructions with label maps and no image) the Dice of each foreground label
+instead."""
 
 from __future__ import annotations
 
@@ -8,16 +10,53 @@ import argparse
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from medldm.data import h5layout
 from medldm.data.cohort import Rows, load_prepared
 from medldm.errors import InputError, run_cli
 from medldm.evaluation import diversity
+from medldm.evaluation.label_maps import dice_per_label
 from medldm.io import write_json
 from medldm.provenance import provenance
 from medldm.runtime import setup_logging
 from medldm.settings import load_settings, name_list
 
 log = logging.getLogger("evaluate_reconstruction")
+
+
+def matched_rows(args, recon: h5layout.H5File, real) -> dict[str, int]:
+    """{subject id: row of its reconstruction}; every real subject of the split must have one."""
+    row_of = {s: i for i, s in enumerate(recon.subject_ids)}
+    missing = [s for s in real.subject_ids if s not in row_of]
+    if missing:
+        raise InputError(f"{args.reconstructions}: no reconstruction of {args.split} subjects {missing[:5]}; "
+                         "rerun the reconstruction (decode) rule of this autoencoder")
+    return row_of
+
+
+def label_reconstruction(args, recon: h5layout.H5File, settings) -> int:
+    """Dice per foreground label of a label-map autoencoder's reconstructions of the split."""
+    real = load_prepared(args.manifest, args.classes).subset(args.split)
+    if real.labels is None:
+        raise InputError(f"{args.manifest}: no label maps to score the label reconstructions of {args.reconstructions}")
+    row_of, names = matched_rows(args, recon, real), recon.header.label_names
+    dice = np.array([dice_per_label(recon.label[row_of[s]], real.labels[i].numpy(), len(names))
+                     for i, s in enumerate(real.subject_ids)]).reshape(len(real), len(names) - 1)
+    result = {
+        "split": args.split,
+        "n": len(real),
+        "labels": names,
+        "dice": diversity.summary(np.nanmean(dice, 1)),
+        "dice_per_label": {n: diversity.summary(dice[:, i][~np.isnan(dice[:, i])]) for i, n in enumerate(names[1:])},
+        "subjects": [{"subject_id": s, **{n: float(d) for n, d in zip(names[1:], row, strict=True)}}
+                     for s, row in zip(real.subject_ids, dice, strict=True)],
+        "provenance": provenance(settings, {"reconstructions": args.reconstructions}),
+    }
+    write_json(args.out, result)
+    log.info("label reconstruction of %d %s subjects: Dice %s", len(real), args.split,
+             ", ".join(f"{n} {v['mean']:.3f}" for n, v in result["dice_per_label"].items()))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -32,13 +71,11 @@ def main(argv=None) -> int:
     setup_logging()
     settings = load_settings(args.settings)
     classes = args.classes
-    real = load_prepared(args.manifest, classes, with_labels=False).subset(args.split)
     with h5layout.open_volumes(args.reconstructions) as recon:
-        row_of = {s: i for i, s in enumerate(recon.subject_ids)}
-        missing = [s for s in real.subject_ids if s not in row_of]
-        if missing:
-            raise InputError(f"{args.reconstructions}: no reconstruction of {args.split} subjects {missing[:5]}; "
-                             "rerun the reconstruction (decode) rule of this autoencoder")
+        if recon.image is None:  # a label-map autoencoder's
+            return label_reconstruction(args, recon, settings)
+        real = load_prepared(args.manifest, classes, with_labels=False).subset(args.split)
+        row_of = matched_rows(args, recon, real)
         recon_images = Rows(recon.image, [row_of[s] for s in real.subject_ids])
         values = diversity.reconstruction_metrics(real.volumes(), recon_images)  # one pair read at a time
     result = {

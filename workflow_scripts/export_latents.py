@@ -26,12 +26,14 @@ from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings
 
 
-def voided_latents(net, images, labels, masks, n_labels: int, device, inference: dict) -> np.ndarray:
+def voided_latents(net, images, labels, masks, n_labels: int, device, inference: dict,
+                   only_labels: bool = False) -> np.ndarray:
     """Posterior means (b, C, d, h, w) of ``images`` with their ``masks`` voxels set to 0 (paired
-    label maps too: label 0 there)."""
+    label maps too: label 0 there; the label maps alone for a label-map autoencoder)."""
     keep = 1 - masks.to(images.dtype)
     labels = None if labels is None else labels * (1 - masks).to(labels.dtype)
-    return next(ae.encode_set(net, images * keep[:, None], labels, n_labels, device, inference, progress=False))[1]
+    images = None if only_labels else images * keep[:, None]
+    return next(ae.encode_set(net, images, labels, n_labels, device, inference, progress=False))[1]
 
 
 def main(argv=None) -> int:
@@ -48,9 +50,12 @@ def main(argv=None) -> int:
     inference = load_settings(args.settings) | (load_settings(args.batching) if args.batching else {})
     device = pick_device(args.device)
     net, vae = ae.load_vae(args.vae, device)
-    paired = vae["settings"]["paired_labels"]
+    paired, only_labels = vae["settings"]["paired_labels"], ae.labels_only(vae["settings"])
 
     data = load_prepared(args.manifest, vae["classes"])
+    if only_labels and data.labels is None:
+        raise InputError(f"{args.vae} encodes label maps (vae inputs: labels) but {args.manifest} has none: "
+                         "add a label column to the sample sheet")
     if list(data.shape) != list(vae["grid_shape"]):
         raise InputError(
             f"{args.manifest}: prepared shape {list(data.shape)} differs from the {vae['grid_shape']} "
@@ -70,12 +75,12 @@ def main(argv=None) -> int:
         size = inference["batch_size"]
         for start, images, labels in tqdm(cohort.batches(data, size), total=-(-len(data) // size), desc="encoding",
                                           unit="batch", disable=None):  # one batch of subjects in memory
-            encoder_labels = labels if paired else None
-            _, mu, logvar = next(ae.encode_set(net, images, encoder_labels, n_labels, device, inference,
-                                               progress=False))
+            encoder_labels = labels if paired or only_labels else None
+            _, mu, logvar = next(ae.encode_set(net, None if only_labels else images, encoder_labels, n_labels,
+                                               device, inference, progress=False))
             if masks is not None:
                 mask = torch.stack([masks[i] for i in range(start, start + len(images))])
-                voided = voided_latents(net, images, encoder_labels, mask, n_labels, device, inference)
+                voided = voided_latents(net, images, encoder_labels, mask, n_labels, device, inference, only_labels)
             for j in range(len(mu)):
                 i = start + j
                 label = None if labels is None else labels[j].numpy()

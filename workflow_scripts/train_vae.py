@@ -65,7 +65,7 @@ def write_outputs(args, settings, prepare, classes, labels, data, result, inputs
     factor = ae.downsampling(settings["model"])
     ae.save_vae(args.out, result.model, {
         "settings": settings,
-        "channels": ae.io_channels(settings["paired_labels"], len(labels)),
+        "channels": ae.io_channels(settings["paired_labels"], len(labels), ae.labels_only(settings)),
         "classes": classes,
         "labels": labels,
         "prepare": prepare,
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     classes = args.classes
     labels = args.labels
 
-    data = load_prepared(args.manifest, classes, with_labels=settings["paired_labels"])
+    data = load_prepared(args.manifest, classes, with_labels=settings["paired_labels"] or ae.labels_only(settings))
     ae.check_grid(settings["model"], data.shape)
     train, val = data.subset("train"), data.subset("val")
     log.info("%d train / %d val subjects of shape %s on %s (world size %d)",

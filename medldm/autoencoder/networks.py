@@ -2,9 +2,10 @@
 image + label-map channels, and encode/decode helpers used by training, export and decode.
 
 Shapes: images ``(B, 1, X, Y, Z)`` in [0, 1]; label maps ``(B, X, Y, Z)`` int with values
-0..L-1; network input/output ``(B, C, X, Y, Z)`` where C = 1 (image only) or 1 + L (image plus
-one-hot labels in, image plus label logits out); latents ``(B, latent_channels, x, y, z)``
-with x = X / 2**(levels - 1).
+0..L-1; network input/output ``(B, C, X, Y, Z)`` where C = 1 (image only), 1 + L (paired: image
+plus one-hot labels in, image plus label logits out) or L (``inputs: labels``: one-hot label
+maps in, label logits out, no image); latents ``(B, latent_channels, x, y, z)`` with
+x = X / 2**(levels - 1).
 """
 
 from __future__ import annotations
@@ -26,8 +27,22 @@ from medldm.errors import InputError
 VAE_KIND, VAE_FORMAT_VERSION = "medldm-vae", 1
 
 
-def io_channels(paired_labels: bool, n_labels: int) -> int:
-    """Channels in and out of the network: the image, plus one per label in paired mode."""
+def labels_only(settings: dict) -> bool:
+    """True for an autoencoder of label maps alone (``inputs: labels``; vae.pt files written
+    before the key existed are image autoencoders)."""
+    return settings.get("inputs", "image") == "labels"
+
+
+def io_channels(paired_labels: bool, n_labels: int, only_labels: bool = False) -> int:
+    """Channels in and out of the network: the image, plus one per label in paired mode; one
+    per label and no image for a label-map autoencoder (``only_labels``)."""
+    if only_labels:
+        if paired_labels:
+            raise InputError("vae inputs: labels encodes label maps alone; set paired_labels: false "
+                             "(paired_labels: true is the image + labels autoencoder)")
+        if n_labels < 2:
+            raise InputError("vae inputs is labels but config 'labels' names fewer than 2 labels")
+        return n_labels
     if paired_labels and n_labels < 2:
         raise InputError("vae.paired_labels is true but config 'labels' names fewer than 2 labels")
     return 1 + (n_labels if paired_labels else 0)
@@ -88,16 +103,22 @@ def check_grid(model: dict, shape: Sequence[int]) -> None:
         )
 
 
-def to_network_input(image: torch.Tensor, label: torch.Tensor | None, n_labels: int) -> torch.Tensor:
-    """Image ``(B,1,X,Y,Z)`` plus, when ``label`` ``(B,X,Y,Z)`` is given, its one-hot channels."""
+def to_network_input(image: torch.Tensor | None, label: torch.Tensor | None, n_labels: int) -> torch.Tensor:
+    """Image ``(B,1,X,Y,Z)`` plus, when ``label`` ``(B,X,Y,Z)`` is given, its one-hot channels;
+    the one-hot channels alone (float32) when ``image`` is None (a label-map autoencoder)."""
     if label is None:
         return image
-    onehot = F.one_hot(label.long(), n_labels).movedim(-1, 1).to(image.dtype)
-    return torch.cat([image, onehot], dim=1)
+    onehot = F.one_hot(label.long(), n_labels).movedim(-1, 1)
+    if image is None:
+        return onehot.float()
+    return torch.cat([image, onehot.to(image.dtype)], dim=1)
 
 
-def split_output(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Network output ``(B,C,...)`` -> image ``(B,1,...)`` and label logits ``(B,C-1,...)`` or None."""
+def split_output(out: torch.Tensor, only_labels: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Network output ``(B,C,...)`` -> image ``(B,1,...)`` and label logits ``(B,C-1,...)`` or None;
+    (None, all channels as logits) for a label-map autoencoder."""
+    if only_labels:
+        return None, out
     return out[:, :1], (out[:, 1:] if out.shape[1] > 1 else None)
 
 
@@ -133,8 +154,14 @@ class Losses:
     weighted ``total`` and its parts (``recon``, ``kl``, ``label``, ``perceptual``, ``adv``).
     """
 
-    def __init__(self, loss: dict, spatial_dims: int, discriminator: torch.nn.Module | None = None):
-        self.cfg = loss
+    def __init__(self, loss: dict, spatial_dims: int, discriminator: torch.nn.Module | None = None,
+                 only_labels: bool = False):
+        self.cfg, self.only_labels = loss, only_labels
+        if only_labels:
+            image_terms = [k for k in ("perceptual_weight", "adversarial_weight") if loss[k] > 0]
+            if image_terms:
+                raise InputError(f"vae inputs: labels has no image for loss.{' and loss.'.join(image_terms)}: "
+                                 "set them to 0 (label maps train with loss.label_loss)")
         if loss["reconstruction"] not in ("l1", "l2"):
             raise InputError(f"vae loss.reconstruction must be l1 or l2, got {loss['reconstruction']!r}")
         self.recon = F.l1_loss if loss["reconstruction"] == "l1" else F.mse_loss
@@ -152,6 +179,10 @@ class Losses:
         return self.discriminator is not None and epoch >= self.cfg["adversarial_start_epoch"]
 
     def __call__(self, out, image, label, mu, sigma, epoch: int) -> dict[str, torch.Tensor]:
+        if self.only_labels:  # label maps alone: the label loss is the reconstruction term
+            parts = {"label": self.label(out.float(), label.unsqueeze(1)), "kl": kl_loss(mu.float(), sigma.float())}
+            parts["total"] = parts["label"] + kl_weight(self.cfg, epoch) * parts["kl"]
+            return parts
         recon_image, logits = split_output(out.float())
         parts = {"recon": self.recon(recon_image, image), "kl": kl_loss(mu.float(), sigma.float())}
         total = parts["recon"] + kl_weight(self.cfg, epoch) * parts["kl"]
@@ -288,42 +319,46 @@ def make_decoder(model: AutoencoderKL, inference: dict):
     return decode
 
 
-def to_volumes(out: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-    """Network output ``(B,C,X,Y,Z)`` -> images ``(B,X,Y,Z)`` float32 clipped to [0, 1] and, in
-    paired mode, label maps ``(B,X,Y,Z)`` uint8 (argmax of the logits)."""
-    image, logits = split_output(out.float())
-    image = image[:, 0].clamp(0, 1).cpu().numpy()
+def to_volumes(out: torch.Tensor, only_labels: bool = False) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Network output ``(B,C,X,Y,Z)`` -> images ``(B,X,Y,Z)`` float32 clipped to [0, 1] (None for a
+    label-map autoencoder) and, in paired or label mode, label maps ``(B,X,Y,Z)`` uint8 (argmax
+    of the logits)."""
+    image, logits = split_output(out.float(), only_labels)
+    image = None if image is None else image[:, 0].clamp(0, 1).cpu().numpy()
     label = None if logits is None else logits.argmax(1).to(torch.uint8).cpu().numpy()
     return image, label
 
 
 @torch.no_grad()
-def encode_set(net: AutoencoderKL, images: torch.Tensor, labels: torch.Tensor | None, n_labels: int,
+def encode_set(net: AutoencoderKL, images: torch.Tensor | None, labels: torch.Tensor | None, n_labels: int,
                device: torch.device, inference: dict,
                progress: bool = True) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Encode ``images`` ``(N,1,X,Y,Z)`` (with ``labels`` ``(N,X,Y,Z)`` in paired mode) in fp32
-    batches of ``inference.batch_size``, by sliding windows when ``inference.roi_size`` is set;
-    yields (first index, mu, logvar), each ``(b, c, x, y, z)`` float32."""
-    encode = make_encoder(net, inference, images.shape[2:])
+    """Encode ``images`` ``(N,1,X,Y,Z)`` (with ``labels`` ``(N,X,Y,Z)`` in paired mode; ``labels``
+    alone, ``images`` None, for a label-map autoencoder) in fp32 batches of
+    ``inference.batch_size``, by sliding windows when ``inference.roi_size`` is set; yields
+    (first index, mu, logvar), each ``(b, c, x, y, z)`` float32."""
+    n, shape = (len(labels), labels.shape[1:]) if images is None else (len(images), images.shape[2:])
+    encode = make_encoder(net, inference, shape)
     batch_size = inference["batch_size"]
-    for start in tqdm(range(0, len(images), batch_size), desc="encoding", unit="batch", disable=None if progress else True):
+    for start in tqdm(range(0, n, batch_size), desc="encoding", unit="batch", disable=None if progress else True):
         stop = start + batch_size
         label = None if labels is None else labels[start:stop].to(device)
-        x = to_network_input(images[start:stop].to(device), label, n_labels)
+        x = to_network_input(None if images is None else images[start:stop].to(device), label, n_labels)
         mu, logvar = encode(x)
         yield start, mu.cpu().numpy(), logvar.cpu().numpy()
 
 
 @torch.no_grad()
 def decode_set(net: AutoencoderKL, latents, inference: dict, device: torch.device,
-               progress: bool = True) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+               progress: bool = True, only_labels: bool = False) -> Iterator[tuple[int, np.ndarray | None, np.ndarray | None]]:
     """Decode ``latents`` (array-like ``(N,c,x,y,z)``, e.g. an HDF5 dataset, used as stored) in
-    fp32 batches; yields (first index, images ``(b,X,Y,Z)``, label maps ``(b,X,Y,Z)`` or None)."""
+    fp32 batches; yields (first index, images ``(b,X,Y,Z)`` or None for a label-map autoencoder
+    (``only_labels``), label maps ``(b,X,Y,Z)`` or None)."""
     decode = make_decoder(net, inference)
     size = inference["batch_size"]
     for start in tqdm(range(0, len(latents), size), desc="decoding", unit="batch", disable=None if progress else True):
         z = torch.as_tensor(np.asarray(latents[start : start + size]), dtype=torch.float32, device=device)
-        yield start, *to_volumes(decode(z))
+        yield start, *to_volumes(decode(z), only_labels)
 
 
 class LatentStats:

@@ -84,9 +84,10 @@ class VAETrainer:
         self.cfg, self.train_cfg = settings, settings["train"]
         self.train_set, self.val_set = train, val
         self.run_dir, self.device, self.stop = Path(run_dir), device, stop
-        self.paired = settings["paired_labels"]
-        if self.paired and train.labels is None:
-            raise InputError("vae.paired_labels is true but the manifest has no label maps")
+        self.paired, self.only_labels = settings["paired_labels"], ae.labels_only(settings)
+        if (self.paired or self.only_labels) and train.labels is None:
+            key = "inputs is labels" if self.only_labels else "paired_labels is true"
+            raise InputError(f"vae.{key} but the manifest has no label maps: add a label column to the sample sheet")
         if len(train) == 0:
             raise InputError("the manifest has no subjects in the train split")
         self.n_labels = n_labels
@@ -99,10 +100,10 @@ class VAETrainer:
 
         spatial_dims = settings["model"]["spatial_dims"]
         self.layout = memory_format(device)
-        self.net = ae.build_autoencoder(settings["model"], ae.io_channels(self.paired, n_labels))
+        self.net = ae.build_autoencoder(settings["model"], ae.io_channels(self.paired, n_labels, self.only_labels))
         self.net.to(device, memory_format=self.layout)
         self.disc = ae.build_discriminator(settings["loss"], spatial_dims)
-        self.losses = ae.Losses(settings["loss"], spatial_dims, self.disc)
+        self.losses = ae.Losses(settings["loss"], spatial_dims, self.disc, self.only_labels)
         if self.losses.perceptual is not None:
             self.losses.perceptual.to(device)
         self.opt = torch.optim.AdamW(
@@ -131,8 +132,11 @@ class VAETrainer:
                                                     pin_memory=device.type == "cuda")
         self.ckpts = Checkpoints(self.run_dir)
         select = self.train_cfg["select"]
-        if select["metric"] == "dice" and not self.paired:
+        if select["metric"] == "dice" and not (self.paired or self.only_labels):
             raise InputError("vae train.select.metric 'dice' needs paired_labels: true; use ssim or psnr")
+        if self.only_labels and select["metric"] not in ("dice", "last"):
+            raise InputError(f"vae inputs: labels is scored by Dice, not {select['metric']!r}: set "
+                             "train.select.metric to dice (mode max) or last")
         self.best = BestCheckpoint(select["metric"], select["mode"], self.train_cfg["patience"])
         self.epoch, self.batch, self.step, self.partial = 0, 0, 0, {}
         self.val_metrics: dict = {}
@@ -205,14 +209,15 @@ class VAETrainer:
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         non_blocking = self.device.type == "cuda"
         image = batch["image"].to(self.device, non_blocking=non_blocking)
-        label = batch["label"].to(self.device, non_blocking=non_blocking) if self.paired else None
+        label = batch["label"].to(self.device, non_blocking=non_blocking) if self.paired or self.only_labels else None
         return image, label
 
     def train_step(self, image: torch.Tensor, label: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One optimiser step of the autoencoder (and of the discriminator when it is on)."""
         self.model.train()
         image, label = self._crop(image, label)
-        x = ae.to_network_input(image, label, self.n_labels).contiguous(memory_format=self.layout)
+        x = ae.to_network_input(None if self.only_labels else image, label, self.n_labels)
+        x = x.contiguous(memory_format=self.layout)
         with autocast(self.device, self.train_cfg["bf16"]):
             out, mu, sigma = self.model(x)
             parts = self.losses(out, image, label, mu, sigma, self.epoch)
@@ -311,7 +316,7 @@ class VAETrainer:
         montage = self.run_dir / "montages" / f"epoch-{epoch:04d}.png" if self.main else None
         self.val_metrics, montage = evaluate_reconstruction(
             self.net, shard, self.n_labels, self.paired, self.device, self.validation_decoding, montage,
-            self.train_cfg["montage_subjects"],
+            self.train_cfg["montage_subjects"], only_labels=self.only_labels,
         )
         self.montage, self.validated, self.last_validated = montage, True, epoch
 
@@ -346,12 +351,17 @@ class VAETrainer:
 
 
 def evaluate_reconstruction(net, data: PreparedSet, n_labels: int, paired: bool, device, inference: dict,
-                            montage_path: Path | None = None, montage_subjects: int = 3) -> tuple[dict, Path | None]:
+                            montage_path: Path | None = None, montage_subjects: int = 3,
+                            only_labels: bool = False) -> tuple[dict, Path | None]:
     """Mean SSIM, PSNR (and label Dice, foreground labels) of ``mu`` reconstructions of ``data``
     (fp32), plus a montage of originals and reconstructions of the first ``montage_subjects``
     subjects. Reads ``inference.batch_size`` subjects at a time. Under torchrun this is collective
-    (MONAI metrics gather over ranks): every rank calls it with its shard."""
+    (MONAI metrics gather over ranks): every rank calls it with its shard. A label-map
+    autoencoder (``only_labels``) is scored by Dice alone (``dice``, and ``dice_<index>`` per
+    foreground label)."""
     net.eval()
+    if only_labels:
+        return _evaluate_label_reconstruction(net, data, n_labels, device, inference, montage_path, montage_subjects)
     ssim = ssim_metric(data.shape)
     psnr = PSNRMetric(max_val=1.0)
     dice = DiceMetric(include_background=False, reduction="mean")
@@ -376,6 +386,30 @@ def evaluate_reconstruction(net, data: PreparedSet, n_labels: int, paired: bool,
     if montage_path is None or not shown:
         return metrics, None
     titles = [t for sid in data.subject_ids[:shown] for t in (f"{sid} input", f"{sid} recon")]
+    save_montage(montage_path, volumes, titles)
+    return metrics, montage_path
+
+
+def _evaluate_label_reconstruction(net, data: PreparedSet, n_labels: int, device, inference: dict,
+                                   montage_path: Path | None, montage_subjects: int) -> tuple[dict, Path | None]:
+    """``evaluate_reconstruction`` of a label-map autoencoder: mean and per-label Dice (foreground
+    labels) of the argmax of its reconstructions; the montage shows label maps scaled to [0, 1]."""
+    dice = DiceMetric(include_background=False, reduction="mean_batch")
+    shown, volumes = min(montage_subjects, len(data)), []
+    for _, _, labels in cohort.batches(data, inference["batch_size"]):
+        mu = np.concatenate([m for _, m, _ in ae.encode_set(net, None, labels, n_labels, device, inference,
+                                                            progress=False)])
+        recon = torch.from_numpy(np.concatenate([label for _, _, label in ae.decode_set(
+            net, mu, inference, device, progress=False, only_labels=True)]))
+        dice(_onehot(recon, n_labels), _onehot(labels, n_labels))
+        scale = 1.0 / (n_labels - 1)
+        volumes += [v.numpy() * scale for i in range(min(len(labels), shown - len(volumes) // 2))
+                    for v in (labels[i].float(), recon[i].float())]
+    per_label = dice.aggregate().tolist()
+    metrics = {"dice": float(np.nanmean(per_label))} | {f"dice_{i + 1}": float(v) for i, v in enumerate(per_label)}
+    if montage_path is None or not shown:
+        return metrics, None
+    titles = [t for sid in data.subject_ids[:shown] for t in (f"{sid} labels", f"{sid} recon")]
     save_montage(montage_path, volumes, titles)
     return metrics, montage_path
 

@@ -27,8 +27,9 @@ Two kinds of file, each stamped with ``kind`` and ``format_version`` attributes 
     subject and are placed with ``grid_affine``.
 
 ``volumes`` (``decode`` writes it; evaluation reads it)
-    image         (N, X, Y, Z) float32      intensities in [0, 1] on the prepared grid
-    label         (N, X, Y, Z) uint8        label maps (optional)
+    image         (N, X, Y, Z) float32      intensities in [0, 1] on the prepared grid (optional when
+                                            ``label`` is present: a label-map generator's volumes)
+    label         (N, X, Y, Z) uint8        label maps, values index ``label_names`` (optional)
     mask          (N, X, Y, Z) uint8        inpainting masks of inpainted rows (optional)
     subject_id, class_index, split, affine, source_id (optional)  as above
     attrs: grid_affine, grid_shape, class_names, label_names, settings.
@@ -59,7 +60,7 @@ LATENTS, VOLUMES = "latents", "volumes"
 _STR = h5py.string_dtype()
 _REQUIRED = {
     LATENTS: ("mu", "subject_id", "class_index", "split", "affine", "channel_mean", "channel_std"),
-    VOLUMES: ("image", "subject_id", "class_index", "split", "affine"),
+    VOLUMES: ("subject_id", "class_index", "split", "affine"),  # and image or label (_volume_main)
 }
 # How to re-create a file of another format version, by kind (named in the refusal).
 _RECREATE = {
@@ -194,11 +195,15 @@ def create_latents(
 @contextmanager
 def create_volumes(
     path: str | os.PathLike, n: int, header: Header, *, with_labels: bool = False, with_masks: bool = False,
-    with_source: bool = False,
+    with_source: bool = False, with_image: bool = True,
 ) -> Iterator[_Writer]:
-    """Create a volumes file for ``n`` images on ``header.grid_shape``, atomically."""
+    """Create a volumes file for ``n`` images on ``header.grid_shape``, atomically;
+    ``with_image=False`` (label maps only) needs ``with_labels``."""
+    if not (with_image or with_labels):
+        raise ValueError("a volumes file holds images, label maps or both")
     with _create(path, VOLUMES, n, header) as (h5, writer):
-        _create_array(h5, "image", n, header.grid_shape, np.float32)
+        if with_image:
+            _create_array(h5, "image", n, header.grid_shape, np.float32)
         if with_labels:
             _create_array(h5, "label", n, header.grid_shape, np.uint8)
         if with_masks:
@@ -264,7 +269,7 @@ class H5File:
         if missing:
             raise InputError(f"{where}: missing {', '.join(missing)}; the file is incomplete or not from medldm")
         n = self.h5["subject_id"].shape[0]
-        main = "mu" if kind == LATENTS else "image"
+        main = "mu" if kind == LATENTS else _volume_main(self.h5, where)
         for name in (main, "logvar", "label", "mask", "voided_mu", "source_id", "class_index", "split", "affine"):
             if name in self.h5 and self.h5[name].shape[0] != n:
                 raise InputError(f"{where}: dataset {name} has {self.h5[name].shape[0]} rows, expected {n}")
@@ -273,8 +278,8 @@ class H5File:
         for name in ("logvar", "voided_mu"):
             if name in self.h5 and self.h5[name].shape != self.h5["mu"].shape:
                 raise InputError(f"{where}: {name} shape {self.h5[name].shape} != mu shape {self.h5['mu'].shape}")
-        if kind == VOLUMES and tuple(self.h5["image"].shape[1:]) != tuple(attrs["grid_shape"]):
-            raise InputError(f"{where}: image shape {self.h5['image'].shape[1:]} != grid_shape {tuple(attrs['grid_shape'])}")
+        if kind == VOLUMES and tuple(self.h5[main].shape[1:]) != tuple(attrs["grid_shape"]):
+            raise InputError(f"{where}: {main} shape {self.h5[main].shape[1:]} != grid_shape {tuple(attrs['grid_shape'])}")
 
     def __getattr__(self, name: str):
         if name in ("mu", "logvar", "label", "mask", "voided_mu", "image", "channel_mean", "channel_std"):
@@ -296,6 +301,14 @@ class H5File:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _volume_main(h5: h5py.File, where: str) -> str:
+    """The dataset a volumes file is about: ``image``, or ``label`` in a label-maps-only file."""
+    for name in ("image", "label"):
+        if name in h5:
+            return name
+    raise InputError(f"{where}: missing image (and label); the file is incomplete or not from medldm")
 
 
 def open_latents(path: str | os.PathLike) -> H5File:

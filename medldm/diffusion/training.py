@@ -214,7 +214,7 @@ class Trainer:
             log.warning("no validation latents: ldm.pt holds the last weights (no model selection or early stop)")
         self.best = BestCheckpoint(select["metric"] if self.val_mu is not None else "last", select["mode"],
                                    cfg["patience"])
-        self.vae = None  # the decoder of the live samples
+        self.vae, self.vae_labels = None, 0  # the decoder of the live samples; L of a label-map autoencoder
         if cfg["sample_every"] and self.cond is not None:
             log.warning("train.sample_every: live samples are drawn for models without extra input "
                         "channels only; this (inpainting or spatially conditioned) model shows none")
@@ -222,7 +222,8 @@ class Trainer:
             if self.vae_path is None:
                 raise InputError("ldm train.sample_every > 0 needs the autoencoder (--vae vae.pt) to decode "
                                  "samples; pass it, or set sample_every to 0")
-            self.vae = ae.load_vae(self.vae_path, self.device)[0]
+            self.vae, vae_file = ae.load_vae(self.vae_path, self.device)
+            self.vae_labels = len(vae_file["labels"]) if ae.labels_only(vae_file["settings"]) else 0
         log.info("training on %d latents of shape %s (%d classes)", len(self.mu), self.latent_shape, self.num_classes)
 
     def _condition(self, data: LatentSet) -> torch.Tensor | None:
@@ -368,8 +369,10 @@ class Trainer:
             ldm, classes, sampler="ddim" if self.strategy.name == "ddpm" else "rflow", steps=cfg["sample_steps"],
             guidance_scale=1.0, seed=cfg["seed"], batch_size=len(classes), device=self.device, progress=False,
         )
-        images = [image for _, batch, _ in ae.decode_set(self.vae, latents, self.decoding, self.device,
-                                                         progress=False) for image in batch]
+        decoded = ae.decode_set(self.vae, latents, self.decoding, self.device, progress=False,
+                                only_labels=self.vae_labels > 0)  # label maps shown as label / (L - 1)
+        images = [v for _, batch, labels in decoded
+                  for v in (batch if batch is not None else labels / (self.vae_labels - 1))]
         titles = [f"{h.class_names[c] if c >= 0 else 'sample'} {i}" for i, c in enumerate(classes)]
         path = self.run_dir / "samples" / f"step-{step:09d}.png"
         save_montage(path, images, titles)

@@ -537,8 +537,44 @@ def _data_section(prepared, sets: dict, classes: list[str], figures: Path, per_c
                         test.subject_ids, per_class, "Real test subjects")
     for name, s in sets.items():
         with h5layout.open_volumes(s["volumes"]) as synth:
-            _montages_per_class(section, figures, f"synthetic_{name}", synth.image, synth.class_index, classes,
-                                synth.subject_ids, per_class, f"Synthetic, sample set {name}")
+            shown, what = synth.image, f"Synthetic, sample set {name}"
+            if shown is None:  # a label-map generator's set
+                shown, what = LabelDisplay(synth.label, len(synth.header.label_names)), f"{what} (label maps)"
+            _montages_per_class(section, figures, f"synthetic_{name}", shown, synth.class_index, classes,
+                                synth.subject_ids, per_class, what)
+    return section
+
+
+class LabelDisplay:
+    """Label maps (an HDF5 ``label`` dataset) read by index as [0, 1] volumes for a montage:
+    label / (L - 1)."""
+
+    def __init__(self, labels, n_labels: int):
+        self.labels, self.scale = labels, 1.0 / max(n_labels - 1, 1)
+
+    def __getitem__(self, i) -> np.ndarray:
+        return np.asarray(self.labels[i], np.float32) * self.scale
+
+
+def _label_maps_section(label_maps: dict[str, dict], label_recon: dict[str, dict]) -> Section:
+    """Label-map generators' sets (volume fraction per label, synthetic vs real) and label-map
+    autoencoders' reconstructions (Dice per label)."""
+    section = Section("Label maps")
+    if label_maps:
+        rows = [{"set": name, "label": label, "synthetic": f"{fmt(r['synthetic'][label]['mean'], 3)} ± "
+                 f"{fmt(r['synthetic'][label]['std'], 3)}", "real": f"{fmt(r['real'][label]['mean'], 3)} ± "
+                 f"{fmt(r['real'][label]['std'], 3)}"} for name, r in label_maps.items() for label in r["labels"]]
+        section.text("Fraction of each label map's voxels per label (mean ± sd over the maps) of each label-map "
+                     "generator's sample set and of the real test subjects' maps.")
+        section.html(table(rows, [("set", "sample set"), ("label", "label"), ("synthetic", "synthetic"),
+                                  ("real", "real test")]))
+    if label_recon:
+        rows = [{"vae": name, "label": label, "n": r["n"], "dice": s["mean"], "std": s["std"]}
+                for name, r in label_recon.items() for label, s in r["dice_per_label"].items()]
+        section.text("Label-map autoencoders: Dice of each label between the real test subjects' maps and "
+                     "their reconstructions (argmax):")
+        section.html(table(rows, [("vae", "autoencoder"), ("label", "label"), ("n", "subjects"),
+                                  ("dice", "Dice"), ("std", "std")]))
     return section
 
 
@@ -548,6 +584,8 @@ def _reconstruction_montage(section: Section, figures: Path, name: str, path, te
     from medldm.report.montage import save_montage
 
     with h5layout.open_volumes(path) as rec:
+        if rec.image is None:  # a label-map autoencoder's: scored in the label-map section
+            return
         row_of = {sid: i for i, sid in enumerate(rec.subject_ids)}
         pairs = [(i, row_of[sid]) for i, sid in enumerate(test.subject_ids) if sid in row_of][:3]
         if not pairs:
@@ -605,7 +643,8 @@ def build_report(inputs: dict, config: dict, figures: str | os.PathLike, montage
     ``inputs``: {"manifest", "fid_weights" (record JSON), "vae": {name: {model, run_dir, reconstruction
     (metrics JSON), reconstructions (volumes .h5)}}, "ldm": {name: {model, run_dir}}, "sample_sets":
     {name: {ldm, volumes, metrics, classifier (JSON or None), saliency (PNGs of its arms, maybe empty),
-    inpainting (in-mask scores JSON of an inpaint set, or None), segmentation (its Dice JSON, or None)}},
+    inpainting (in-mask scores JSON of an inpaint set, or None), segmentation (its Dice JSON, or None),
+    label_maps (label fractions JSON of a label-map generator's set; absent otherwise)}},
     segmenter (the real segmenter's test scores JSON; absent without the segmentation evaluation)}.
     """
     from medldm.data.cohort import load_prepared
@@ -619,6 +658,8 @@ def build_report(inputs: dict, config: dict, figures: str | os.PathLike, montage
     inpainting = {n: r for n, s in sets.items() if (r := _load_json(s.get("inpainting")))}
     segmentation = {n: r for n, s in sets.items() if (r := _load_json(s.get("segmentation")))}
     recon = {n: r for n, v in inputs.get("vae", {}).items() if (r := _load_json(v.get("reconstruction")))}
+    label_recon = {n: recon.pop(n) for n in [n for n, r in recon.items() if "dice_per_label" in r]}
+    label_maps = {n: r for n, s in sets.items() if (r := _load_json(s.get("label_maps")))}
     prepared = load_prepared(inputs["manifest"], classes, with_labels=False)
     sections = [_summary_section(sets, metrics, classifier),
                 _data_section(prepared, sets, classes, figures, montage_volumes),
@@ -634,6 +675,8 @@ def build_report(inputs: dict, config: dict, figures: str | os.PathLike, montage
     if segmentation or inputs.get("segmenter"):
         sections.append(_segmentation_section(_load_json(inputs.get("segmenter")), segmentation, sets, figures,
                                               config.get("evaluate", {}).get("segmentation", {}).get("contour_volumes", 3)))
+    if label_maps or label_recon:
+        sections.append(_label_maps_section(label_maps, label_recon))
     sections.append(_provenance_section(inputs, config))
     return render("medldm run report", sections, f"classes: {', '.join(classes) or 'none'}; "
                                                  f"{len(sets)} sample set(s)")
