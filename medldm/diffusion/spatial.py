@@ -8,9 +8,12 @@ same extra input channels as the inpainting model (``cond_channels`` of the back
 Pooling (``conditions_pooling``, recorded in ldm.pt): ``area`` averages each one-hot channel over
 its block, so a latent voxel holds the fraction of every label in it (partial volumes kept, the
 channels of a label map sum to 1); ``nearest`` takes the block's centre voxel (one-hot, hard).
-Measured on the demo cohort's tissue maps at factor 4 (benchmarks: see README "Spatial
-conditioning"): brought back to the image grid by trilinear upsampling and argmax, area keeps
-more of the map (Dice) than nearest; area is the default.
+Measured on the demo cohort's 40 prepared tissue maps (40x48x40 -> 10x12x10 latent grid),
+each map brought back to the image grid (trilinear, argmax) and compared with the original: Dice
+CSF/GM/WM 0.01/0.71/0.63 with area, 0.17/0.63/0.58 with nearest; nearest also moves 21 % of the
+label mass of a latent voxel on average (area keeps every fraction exactly). Area keeps the two
+large tissues and the amounts of all; thin CSF survives only as fractions. Area is the default;
+a learnable encoder of the full-resolution maps is not implemented.
 
 Classifier-free guidance over the maps: training zeroes a row's maps with probability
 ``train.condition_dropout`` (all-zero maps are the "no map" input: a real map's channels sum to
