@@ -2,7 +2,8 @@
 """Decode a latents HDF5 file (export_latents' real latents, or sampled ones) with vae.pt.
 
 Writes volumes.h5 (a volumes file: all images, and label maps in paired-label mode) and one
-NIfTI per volume, <nifti-dir>/<id>/image.nii.gz (+ label.nii.gz), each with its row's affine:
+NIfTI per volume, <nifti-dir>/<id>/image.nii.gz (+ label.nii.gz), each with its row's affine
+(multi-channel subjects: one NIfTI per channel, <nifti-dir>/<id>/<channel>.nii.gz):
 a real subject's reconstruction sits where that subject's prepared image sits; a generated
 volume (no source subject) uses the prepared grid's reference affine (the first subject's).
 
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     net, vae = ae.load_vae(args.vae, device)
     paired = vae["settings"]["paired_labels"]
+    channels = ae.image_channel_names(vae)
 
     with h5layout.open_latents(args.latents) as latents:
         check_match(latents, vae, args.vae)
@@ -99,13 +101,17 @@ def main(argv=None) -> int:
             label_names=src.label_names if paired else [],
             settings={"latents": str(args.latents), "latents_settings": src.settings,
                       "vae_sha256": src.vae_sha256},
+            image_channels=channels if len(channels) > 1 else [],
         )
         inpainted = latents.mask is not None and latents.source_ids is not None
+        if inpainted and len(channels) > 1:
+            raise InputError(f"{args.latents}: inpainting multi-channel subjects ({channels}) is not supported")
         sources = source_volumes(latents, args.manifest, paired) if inpainted else {}
         with h5layout.create_volumes(args.out, len(latents), header, with_labels=paired,
                                      with_masks=latents.mask is not None,
                                      with_source=latents.source_ids is not None) as writer:
-            for start, images, labels in ae.decode_set(net, latents.mu, inference, device):
+            for start, images, labels in ae.decode_set(net, latents.mu, inference, device,
+                                                       image_channels=len(channels)):
                 for j, image in enumerate(images):
                     i = start + j
                     sid = latents.subject_ids[i]
@@ -117,7 +123,8 @@ def main(argv=None) -> int:
                         image = paste_back(image, original, mask, blend)
                         if label is not None and original_label is not None:
                             label = np.where(mask > 0, label, original_label).astype(np.uint8)
-                    save_nifti(args.nifti_dir / sid / "image.nii.gz", image, affine)
+                    for name, volume in zip(channels, image[None] if len(channels) == 1 else image, strict=True):
+                        save_nifti(args.nifti_dir / sid / f"{name}.nii.gz", volume, affine)
                     if label is not None:
                         save_nifti(args.nifti_dir / sid / "label.nii.gz", label, affine)
                     writer.append(sid, int(latents.class_index[i]), latents.splits[i], affine=affine,

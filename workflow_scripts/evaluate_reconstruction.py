@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Fidelity of an autoencoder: SSIM and PSNR of its reconstructions of the real subjects of one
-split (test by default), matched to the prepared volumes by subject id."""
+split (test by default), matched to the prepared volumes by subject id; per image channel for
+multi-channel subjects (the JSON's ``channels``; its top level is the first channel's)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ from medldm.runtime import setup_logging
 from medldm.settings import load_settings, name_list
 
 log = logging.getLogger("evaluate_reconstruction")
+
+
+def channel_metrics(real_images, recon_images, subject_ids: list[str]) -> dict:
+    """SSIM and PSNR (summaries and per subject) of one image channel."""
+    values = diversity.reconstruction_metrics(real_images, recon_images)  # one pair read at a time
+    return {
+        "ssim": diversity.summary(values["ssim"]),
+        "psnr": diversity.summary(values["psnr"]),
+        "subjects": [{"subject_id": s, "ssim": float(a), "psnr": float(b)}
+                     for s, a, b in zip(subject_ids, values["ssim"], values["psnr"], strict=True)],
+    }
 
 
 def main(argv=None) -> int:
@@ -39,15 +51,15 @@ def main(argv=None) -> int:
         if missing:
             raise InputError(f"{args.reconstructions}: no reconstruction of {args.split} subjects {missing[:5]}; "
                              "rerun the reconstruction (decode) rule of this autoencoder")
-        recon_images = Rows(recon.image, [row_of[s] for s in real.subject_ids])
-        values = diversity.reconstruction_metrics(real.volumes(), recon_images)  # one pair read at a time
+        rows = [row_of[s] for s in real.subject_ids]
+        per_channel = {name: channel_metrics(real.volumes(k), Rows(recon.channel(k), rows), real.subject_ids)
+                       for k, name in enumerate(recon.channel_names)}
+    first = next(iter(per_channel.values()))
     result = {
         "split": args.split,
         "n": len(real),
-        "ssim": diversity.summary(values["ssim"]),
-        "psnr": diversity.summary(values["psnr"]),
-        "subjects": [{"subject_id": s, "ssim": float(a), "psnr": float(b)}
-                     for s, a, b in zip(real.subject_ids, values["ssim"], values["psnr"], strict=True)],
+        **first,
+        **({"channels": per_channel} if len(per_channel) > 1 else {}),
         "provenance": provenance(settings, {"reconstructions": args.reconstructions}),
     }
     write_json(args.out, result)

@@ -23,8 +23,9 @@ from medldm.io import atomic_path
 from medldm.settings import load_settings, name_list
 
 
-def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list[str], where="sample sheet"):
-    sheet = check_samples(sheet, classes, where, check_files=False)
+def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list[str], where="sample sheet",
+                   channels: list[str] | None = None):
+    sheet = check_samples(sheet, classes, where, check_files=False, channels=channels)
     sheet["split"] = resolve_splits(sheet, split_settings, where)
     folders = {path.parent.name: path.parent for path in infos}
     rows = []
@@ -39,19 +40,23 @@ def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list
             "spacing": "x".join(f"{s:g}" for s in info["spacing"]),
             "p_low": f"{info['p_low']:.6g}", "p_high": f"{info['p_high']:.6g}",
             "mask": str(folder / "mask.nii.gz") if row["mask"] else "",
+            "channels": ",".join(info.get("channels", [])),  # image.nii.gz is then (X, Y, Z, C)
         })
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
 def write_montage(manifest, path: Path, per_class: int = 3) -> None:
-    """Mid-slices (three axes) of a few prepared subjects per class."""
+    """Mid-slices (three axes) of a few prepared subjects per class (of each channel's)."""
     from medldm.report.montage import save_montage
 
     volumes, titles = [], []
     for cls, group in manifest.groupby("class", sort=True):
         for _, row in group.head(per_class).iterrows():
-            volumes.append(np.asarray(nib.load(row["image"]).dataobj, np.float32))
-            titles.append(f"{row['subject_id']} {cls}".strip())
+            image = np.asarray(nib.load(row["image"]).dataobj, np.float32)
+            names = row["channels"].split(",") if row["channels"] else [""]
+            for c, name in enumerate(names):
+                volumes.append(image[..., c] if image.ndim == 4 else image)
+                titles.append(f"{row['subject_id']} {cls} {name}".strip())
     save_montage(path, volumes, titles)
 
 
@@ -62,13 +67,16 @@ def main(argv=None) -> int:
                         help="every subject's prepared info.json (in <prepared>/<subject>/)")
     parser.add_argument("--split-settings", required=True, help="the config's `split` section (JSON)")
     parser.add_argument("--classes", type=name_list, default="", help="comma-separated class names")
+    parser.add_argument("--image-channels", type=name_list, default="",
+                        help="comma-separated image channels (config image_channels); empty: one `image` column")
     parser.add_argument("--out", required=True, help="manifest.tsv to write")
     parser.add_argument("--splits", default="", help="splits.tsv to write (subject_id, group, class, split)")
     parser.add_argument("--montage", default="", help="PNG montage of mid-slices per class (optional)")
     args = parser.parse_args(argv)
     classes = args.classes
     manifest = build_manifest(read_table(args.samples, "sample sheet"), args.infos,
-                              load_settings(args.split_settings), classes, f"sample sheet {args.samples}")
+                              load_settings(args.split_settings), classes, f"sample sheet {args.samples}",
+                              args.image_channels)
     if args.splits:
         with atomic_path(args.splits) as tmp:
             manifest[SPLITS_COLUMNS].to_csv(tmp, sep="\t", index=False)
