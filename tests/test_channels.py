@@ -34,6 +34,8 @@ from workflow_scripts import (
     fetch_fid_weights,
     fid_reference,
     make_manifest,
+)
+from workflow_scripts import (
     prepare_subject as prepare_script,
 )
 from workflow_scripts import report as report_script
@@ -245,3 +247,40 @@ def test_fid_msssim_and_montages_are_reported_per_channel(pipeline):
         assert (figures / f"synthetic_recon_{name}_TLE.png").is_file()
     page = (pipeline / "report" / "index.html").read_text()
     assert "recon [t1post]" in page and "channel t1post" in page
+
+
+# -- the workflow -------------------------------------------------------------------------------------------
+
+
+def channel_config(tmp_path, rows) -> dict:
+    sheet = tmp_path / "samples.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    return {"samples": str(sheet), "classes": CLASSES, "image_channels": CHANNELS, "prepare": PREPARE}
+
+
+def test_workflow_prepares_channel_columns(tmp_path):
+    from tests.conftest import run_snakemake
+
+    rng = np.random.default_rng(3)
+    rows = [{"subject_id": f"s{i}", **write_subject(tmp_path, f"s{i}", rng, i), "class": CLASSES[i % 2]}
+            for i in range(4)]
+    run_snakemake(tmp_path, "--cores", "1", "prepared", config=channel_config(tmp_path, rows))
+    manifest = pd.read_csv(tmp_path / "results" / "prepared" / "manifest.tsv", sep="\t", dtype=str,
+                           keep_default_na=False)
+    assert set(manifest["channels"]) == {"t1pre,t1post"}
+    assert nib.load(tmp_path / manifest.loc[0, "image"]).shape == (16, 16, 16, 2)  # paths relative to the workdir
+
+    no_column = [{k: v for k, v in row.items() if k != "t1post"} for row in rows]
+    proc = run_snakemake(tmp_path, "-n", config=channel_config(tmp_path, no_column), check=False)
+    assert proc.returncode != 0 and "lacks the column(s) ['t1post']" in proc.stdout + proc.stderr
+
+
+def test_a_sheet_without_label_maps_plans_its_jobs(tmp_path):
+    """One image channel and no `label` column (the sheet of the workflow test above, single-channel)."""
+    from tests.conftest import run_snakemake
+
+    rows = [{"subject_id": f"s{i}", "image": write_subject(tmp_path, f"s{i}", np.random.default_rng(i), i)["t1pre"],
+             "class": CLASSES[i % 2]} for i in range(4)]
+    config = {**channel_config(tmp_path, rows), "image_channels": []}
+    proc = run_snakemake(tmp_path, "-n", "prepared", config=config)
+    assert "prepare" in proc.stdout and "manifest" in proc.stdout
