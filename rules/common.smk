@@ -99,6 +99,9 @@ accept_renamed_resources(config["resources"])
 def load_samples():
     """The sample table: the demo cohort's, or the user's sheet validated against its schema."""
     if DEMO:
+        if IMAGE_CHANNELS:
+            raise WorkflowError("config image_channels needs your own sample sheet (`samples`): the demo cohort "
+                                "has one image channel")
         demo = config["demo"]
         rows = demo_sheet_rows(
             f"{RESULTS}/demo", demo["n_subjects"], demo["lesion_class"], demo["masks"]["per_subject"]

@@ -45,10 +45,9 @@ rule manifest:
     params:
         split=settings_json(config["split"]),
         classes=",".join(config["classes"]),
-        image_channels=",".join(IMAGE_CHANNELS),
     shell:
         "python -m workflow_scripts.make_manifest --samples {input.sheet:q}"
-        " --infos {input.infos:q} --image-channels {params.image_channels:q}"
+        " --infos {input.infos:q}"
         " --split-settings {params.split:q} --classes {params.classes:q} --out {output.manifest:q}"
         " --splits {output.splits:q}"
         " --montage {output.montage:q} > {log} 2>&1"

@@ -141,7 +141,7 @@ def pipeline(tmp_path_factory) -> Path:
     manifest = root / "prepared" / "manifest.tsv"
     split = {"val_fraction": 0.25, "test_fraction": 0.25, "seed": 0, "file": ""}
     run(make_manifest, "--samples", root / "samples.tsv", "--infos", *infos, "--split-settings", json.dumps(split),
-        "--classes", ",".join(CLASSES), "--image-channels", ",".join(CHANNELS), "--out", manifest,
+        "--classes", ",".join(CLASSES), "--out", manifest,
         "--montage", root / "prepared" / "montage.png")
 
     settings = vae_settings()

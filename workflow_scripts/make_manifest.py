@@ -23,8 +23,8 @@ from medldm.io import atomic_path
 from medldm.settings import load_settings, name_list
 
 
-def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list[str], where="sample sheet",
-                   channels: list[str] | None = None):
+def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list[str], where="sample sheet"):
+    channels = json.loads(infos[0].read_text()).get("channels") if infos else None  # image_channels, as prepared
     sheet = check_samples(sheet, classes, where, check_files=False, channels=channels)
     sheet["split"] = resolve_splits(sheet, split_settings, where)
     folders = {path.parent.name: path.parent for path in infos}
@@ -67,16 +67,13 @@ def main(argv=None) -> int:
                         help="every subject's prepared info.json (in <prepared>/<subject>/)")
     parser.add_argument("--split-settings", required=True, help="the config's `split` section (JSON)")
     parser.add_argument("--classes", type=name_list, default="", help="comma-separated class names")
-    parser.add_argument("--image-channels", type=name_list, default="",
-                        help="comma-separated image channels (config image_channels); empty: one `image` column")
     parser.add_argument("--out", required=True, help="manifest.tsv to write")
     parser.add_argument("--splits", default="", help="splits.tsv to write (subject_id, group, class, split)")
     parser.add_argument("--montage", default="", help="PNG montage of mid-slices per class (optional)")
     args = parser.parse_args(argv)
     classes = args.classes
     manifest = build_manifest(read_table(args.samples, "sample sheet"), args.infos,
-                              load_settings(args.split_settings), classes, f"sample sheet {args.samples}",
-                              args.image_channels)
+                              load_settings(args.split_settings), classes, f"sample sheet {args.samples}")
     if args.splits:
         with atomic_path(args.splits) as tmp:
             manifest[SPLITS_COLUMNS].to_csv(tmp, sep="\t", index=False)

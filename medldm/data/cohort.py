@@ -75,7 +75,7 @@ class PreparedSet:
     """Subjects of a manifest, in manifest order, as a map-style torch Dataset.
 
     images: row ``i`` is subject ``i``'s ``(C, X, Y, Z)`` float32 tensor in [0, 1] (``NiftiVolumes``
-    read on access, or an in-memory ``(N, 1, X, Y, Z)`` tensor); labels: row ``i`` its ``(X, Y, Z)``
+    read on access, or an in-memory ``(N, C, X, Y, Z)`` tensor); labels: row ``i`` its ``(X, Y, Z)``
     uint8 label map, or None; masks: row ``i`` its ``(X, Y, Z)`` uint8 inpainting
     mask (1 = region to fill), or None; class_index ``(N,)`` int64 (-1 for no class); affines ``(N, 4, 4)``:
     each subject's prepared affine (all share voxel axes and spacing; each keeps its own origin).

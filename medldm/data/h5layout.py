@@ -34,8 +34,8 @@ Two kinds of file, each stamped with ``kind`` and ``format_version`` attributes 
     mask          (N, X, Y, Z) uint8        inpainting masks of inpainted rows (optional)
     subject_id, class_index, split, affine, source_id (optional)  as above
     attrs: grid_affine, grid_shape, class_names, label_names, settings; image_channels (JSON list
-    of the channel names, both kinds) only in files of multi-channel subjects: a file without it
-    has one channel, named ``image``.
+    of the channel names; also in export_latents' latents) only in files of multi-channel subjects:
+    a file without it has one channel, named ``image``.
 
 Latents are stored unscaled: a consumer multiplies by ``scale_factor`` before diffusion and
 divides by it after sampling, exactly once (see ``medldm.diffusion.process``).
