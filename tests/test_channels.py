@@ -284,3 +284,20 @@ def test_a_sheet_without_label_maps_plans_its_jobs(tmp_path):
     config = {**channel_config(tmp_path, rows), "image_channels": []}
     proc = run_snakemake(tmp_path, "-n", "prepared", config=config)
     assert "prepare" in proc.stdout and "manifest" in proc.stdout
+
+
+def test_paired_autoencoder_trains_on_every_channel_with_patches(tmp_path):
+    """Two image channels plus one-hot labels in, the same out; random patches crop all alike."""
+    from dataclasses import replace
+
+    from medldm.autoencoder.training import VAETrainer, evaluate_reconstruction
+    from tests.vae_toys import LABELS, toy_set
+
+    toy = toy_set(4)
+    data = replace(toy, images=torch.cat([toy.images, 1 - toy.images], 1), channel_names=CHANNELS)
+    settings = vae_settings(paired_labels=True, train={"epochs": 2, "patch_size": [8, 8, 8]})
+    result = VAETrainer(settings, data, data.subset("val"), tmp_path / "run", len(LABELS), torch.device("cpu")).run()
+    assert result.model.encoder.blocks[0].conv.in_channels == 2 + len(LABELS)
+    metrics, montage = evaluate_reconstruction(result.model, data, len(LABELS), True, torch.device("cpu"),
+                                               settings["inference"], tmp_path / "m.png")
+    assert set(metrics) == {"ssim", "psnr", "dice"} and montage.is_file()
