@@ -19,7 +19,7 @@ from medldm.data.demo import sheet_rows as demo_sheet_rows
 from medldm.errors import InputError
 from medldm.data.prepare import intensity_model
 from medldm.resources import gpus_requested
-from medldm.data.samplesheet import check_samples, read_table, resolve_splits
+from medldm.data.samplesheet import check_samples, read_table, resolve_splits, with_channel_columns
 
 
 def jobs_python():
@@ -48,6 +48,7 @@ shell.prefix(
 )
 
 RESULTS = config["results"]
+IMAGE_CHANNELS = config.get("image_channels") or []  # [] = one channel, the sheet's `image`
 PREPARED = f"{RESULTS}/prepared"
 DEMO = config["demo"]["enabled"]
 SAMPLE_SHEET = f"{RESULTS}/demo/samples.tsv" if DEMO else config.get("samples", "")
@@ -98,6 +99,9 @@ accept_renamed_resources(config["resources"])
 def load_samples():
     """The sample table: the demo cohort's, or the user's sheet validated against its schema."""
     if DEMO:
+        if IMAGE_CHANNELS:
+            raise WorkflowError("config image_channels needs your own sample sheet (`samples`): the demo cohort "
+                                "has one image channel")
         demo = config["demo"]
         rows = demo_sheet_rows(
             f"{RESULTS}/demo", demo["n_subjects"], demo["lesion_class"], demo["masks"]["per_subject"]
@@ -113,8 +117,9 @@ def load_samples():
     try:
         if sheet is None:
             sheet = read_table(SAMPLE_SHEET, "sample sheet")
-            validate(sheet, "../config/schemas/samples.schema.yaml")
-        sheet = check_samples(sheet, config["classes"], where, check_files)
+            one_image = with_channel_columns(sheet, IMAGE_CHANNELS, where).drop(columns=IMAGE_CHANNELS)
+            validate(one_image, "../config/schemas/samples.schema.yaml")
+        sheet = check_samples(sheet, config["classes"], where, check_files, IMAGE_CHANNELS)
         resolve_splits(sheet, config["split"], where)  # group or pinned-split conflicts stop here
     except InputError as err:
         raise WorkflowError(str(err))
@@ -145,6 +150,7 @@ def prepare_inputs(wildcards):
     row = SAMPLES.loc[wildcards.subject]
     return {
         "image": row["image"],
+        **({"channels": [row[c] for c in IMAGE_CHANNELS[1:]]} if IMAGE_CHANNELS else {}),
         **({"label": row["label"]} if HAS_LABELS else {}),
         **({"mask": row["mask"]} if HAS_MASKS else {}),
     }
@@ -163,11 +169,15 @@ def prepare_outputs():
 
 
 def label_args(wildcards, input, output):
-    """--label/--mask arguments of prepare_subject (label maps and inpainting masks, when given)."""
+    """--label/--mask/--channel arguments of prepare_subject (label maps, inpainting masks and
+    further image channels, when given)."""
     args = ""
+    if IMAGE_CHANNELS:
+        args = "".join(f"--channel {shlex.quote(path)} " for path in input.channels)
+        args += f"--channel-names {','.join(IMAGE_CHANNELS)} "
     if HAS_LABELS:
         values = ",".join(str(v) for v in LABEL_VALUES)
-        args = f"--label {shlex.quote(input.label)} --out-label {shlex.quote(output.label)} --label-values {values}"
+        args += f"--label {shlex.quote(input.label)} --out-label {shlex.quote(output.label)} --label-values {values}"
     if HAS_MASKS:
         args += f" --mask {shlex.quote(input.mask)} --out-mask {shlex.quote(output.mask)}"
     return args

@@ -5,7 +5,7 @@ rule demo_cohort:
     output:
         sheet=f"{RESULTS}/demo/samples.tsv",
         images=SAMPLES["image"].unique().tolist(),
-        labels=SAMPLES["label"].unique().tolist(),
+        labels=SAMPLES["label"].unique().tolist() if HAS_LABELS else [],
         masks=SAMPLES["mask"].tolist() if HAS_MASKS else [],
     log:
         f"{RESULTS}/logs/demo_cohort.log",

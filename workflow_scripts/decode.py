@@ -3,11 +3,12 @@
 
 Writes volumes.h5 (a volumes file: all images, and label maps in paired-label mode; label maps
 alone for a label-map autoencoder, ``inputs: labels``) and one NIfTI per volume,
-<nifti-dir>/<id>/image.nii.gz (+ label.nii.gz, uint8), each with its row's affine: a real
-subject's reconstruction sits where that subject's prepared image sits; a generated volume (no
-source subject) uses the prepared grid's reference affine (the first subject's). Label maps
-name their labels in <nifti-dir>/labels.json ({"0": "background", ...}) and in each
-label.nii.gz header's ``descrip`` ("labels: 0=background 1=CSF ...", cut at 80 bytes).
+<nifti-dir>/<id>/image.nii.gz (+ label.nii.gz, uint8), each with its row's affine (multi-channel
+subjects: one NIfTI per channel, <nifti-dir>/<id>/<channel>.nii.gz): a real subject's
+reconstruction sits where that subject's prepared image sits; a generated volume (no source
+subject) uses the prepared grid's reference affine (the first subject's). Label maps name their
+labels in <nifti-dir>/labels.json ({"0": "background", ...}) and in each label.nii.gz header's
+``descrip`` ("labels: 0=background 1=CSF ...", cut at 80 bytes).
 
 Inpainted sets (latents with ``mask`` and ``source_id``): each decoded volume gets its source's
 prepared voxels pasted back outside its mask (read through ``--manifest``), blended over
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
     net, vae = ae.load_vae(args.vae, device)
     only_labels = ae.labels_only(vae["settings"])
     paired = vae["settings"]["paired_labels"] or only_labels  # label maps come out
+    channels = ae.image_channel_names(vae)
 
     with h5layout.open_latents(args.latents) as latents:
         check_match(latents, vae, args.vae)
@@ -113,8 +115,11 @@ def main(argv=None) -> int:
             label_names=src.label_names if with_labels else [],
             settings={"latents": str(args.latents), "latents_settings": src.settings,
                       "vae_sha256": src.vae_sha256},
+            image_channels=channels if len(channels) > 1 else [],
         )
         inpainted = latents.mask is not None and latents.source_ids is not None
+        if inpainted and len(channels) > 1:
+            raise InputError(f"{args.latents}: inpainting multi-channel subjects ({channels}) is not supported")
         sources = source_volumes(latents, args.manifest, paired) if inpainted else {}
         descrip = label_names_text(header.label_names) if with_labels else ""
         if with_labels:
@@ -123,7 +128,8 @@ def main(argv=None) -> int:
                                      with_image=not only_labels,
                                      with_masks=latents.mask is not None,
                                      with_source=latents.source_ids is not None) as writer:
-            for start, images, labels in ae.decode_set(net, latents.mu, inference, device, only_labels=only_labels):
+            for start, images, labels in ae.decode_set(net, latents.mu, inference, device, only_labels=only_labels,
+                                                       image_channels=len(channels)):
                 for j in range(len(labels if only_labels else images)):
                     image = None if only_labels else images[j]
                     i = start + j
@@ -139,7 +145,8 @@ def main(argv=None) -> int:
                         if label is not None and original_label is not None:
                             label = np.where(mask > 0, label, original_label).astype(np.uint8)
                     if image is not None:
-                        save_nifti(args.nifti_dir / sid / "image.nii.gz", image, affine)
+                        for name, volume in zip(channels, image[None] if len(channels) == 1 else image, strict=True):
+                            save_nifti(args.nifti_dir / sid / f"{name}.nii.gz", volume, affine)
                     if label is not None:
                         save_nifti(args.nifti_dir / sid / "label.nii.gz", label, affine, descrip)
                     writer.append(sid, int(latents.class_index[i]), latents.splits[i], affine=affine,

@@ -53,7 +53,7 @@ def volume_set(path: Path, classes: list[str], files: ExitStack, subject_ids: li
             raise InputError(f"{path}: no reconstruction of training subjects {missing[:5]}; "
                              "rerun the autoencoder's decode_reconstructions rule")
         keep = np.array([row_of[sid] for sid in subject_ids], dtype=np.int64)
-    return Dataset(Rows(volumes.image, keep), volumes.class_index[keep])
+    return Dataset(Rows(volumes.channel(0), keep), volumes.class_index[keep])  # the first image channel
 
 
 def training_sets(names: list[str], real: Dataset, real_ids: list[str], classes: list[str],

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             raise InputError(f"{args.volumes}: not an inpainted set (no mask or source_id); inpainting is scored only "
                              "for sample sets with task: inpaint")
         ids, sources = volumes.subject_ids, volumes.source_ids
-        inpainted, masks = volumes.image[:], volumes.mask[:]
+        inpainted, masks = volumes.channel(0)[:], volumes.mask[:]
         class_names = volumes.header.class_names
     if not ids:
         raise InputError(f"{args.volumes}: no volumes to score")

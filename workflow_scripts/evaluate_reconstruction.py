@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Fidelity of an autoencoder: SSIM and PSNR of its reconstructions of the real subjects of one
-split (test by default), matched to the prepared volumes by subject id; for a label-map
-autoencoder (reconstructions with label maps and no image) the Dice of each foreground label
-instead."""
+split (test by default), matched to the prepared volumes by subject id; per image channel for
+multi-channel subjects (the JSON's ``channels``; its top level is the first channel's); for a
+label-map autoencoder (reconstructions with label maps and no image) the Dice of each foreground
+label instead."""
 
 from __future__ import annotations
 
@@ -57,6 +58,15 @@ def label_reconstruction(args, recon: h5layout.H5File, settings) -> int:
     log.info("label reconstruction of %d %s subjects: Dice %s", len(real), args.split,
              ", ".join(f"{n} {v['mean']:.3f}" for n, v in result["dice_per_label"].items()))
     return 0
+def channel_metrics(real_images, recon_images, subject_ids: list[str]) -> dict:
+    """SSIM and PSNR (summaries and per subject) of one image channel."""
+    values = diversity.reconstruction_metrics(real_images, recon_images)  # one pair read at a time
+    return {
+        "ssim": diversity.summary(values["ssim"]),
+        "psnr": diversity.summary(values["psnr"]),
+        "subjects": [{"subject_id": s, "ssim": float(a), "psnr": float(b)}
+                     for s, a, b in zip(subject_ids, values["ssim"], values["psnr"], strict=True)],
+    }
 
 
 def main(argv=None) -> int:
@@ -75,16 +85,15 @@ def main(argv=None) -> int:
         if recon.image is None:  # a label-map autoencoder's
             return label_reconstruction(args, recon, settings)
         real = load_prepared(args.manifest, classes, with_labels=False).subset(args.split)
-        row_of = matched_rows(args, recon, real)
-        recon_images = Rows(recon.image, [row_of[s] for s in real.subject_ids])
-        values = diversity.reconstruction_metrics(real.volumes(), recon_images)  # one pair read at a time
+        rows = [matched_rows(args, recon, real)[s] for s in real.subject_ids]
+        per_channel = {name: channel_metrics(real.volumes(k), Rows(recon.channel(k), rows), real.subject_ids)
+                       for k, name in enumerate(recon.channel_names)}
+    first = next(iter(per_channel.values()))
     result = {
         "split": args.split,
         "n": len(real),
-        "ssim": diversity.summary(values["ssim"]),
-        "psnr": diversity.summary(values["psnr"]),
-        "subjects": [{"subject_id": s, "ssim": float(a), "psnr": float(b)}
-                     for s, a, b in zip(real.subject_ids, values["ssim"], values["psnr"], strict=True)],
+        **first,
+        **({"channels": per_channel} if len(per_channel) > 1 else {}),
         "provenance": provenance(settings, {"reconstructions": args.reconstructions}),
     }
     write_json(args.out, result)

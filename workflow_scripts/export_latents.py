@@ -61,9 +61,15 @@ def main(argv=None) -> int:
             f"{args.manifest}: prepared shape {list(data.shape)} differs from the {vae['grid_shape']} "
             f"{args.vae} was trained on; retrain the autoencoder after changing prepare settings"
         )
+    if data.channel_names != ae.image_channel_names(vae):
+        raise InputError(
+            f"{args.manifest}: image channels {data.channel_names} differ from {ae.image_channel_names(vae)} "
+            f"{args.vae} was trained on; retrain the autoencoder after changing image_channels"
+        )
     header = h5layout.Header(
         grid_affine=data.affine, grid_shape=data.shape, class_names=vae["classes"], label_names=vae["labels"],
         settings={"vae": vae["settings"], "prepare": vae["prepare"]}, vae_sha256=sha256_file(args.vae),
+        image_channels=data.channel_names if len(data.channel_names) > 1 else [],
     )
     stats = ae.LatentStats(vae["latent_shape"][0])
     n_labels = len(vae["labels"])

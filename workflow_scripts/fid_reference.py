@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Inception features of real volumes (one split of the prepared data), per axis; or, with
---reconstructions, of an autoencoder's reconstructions of the same subjects (the autoencoder's floor).
+--reconstructions, of an autoencoder's reconstructions of the same subjects (the autoencoder's floor). Multi-channel subjects: features of
+each image channel, in one file (``medldm.evaluation.fid.save_per_channel``).
 
 Computed once per prepared data set (or autoencoder) and reused by every sample set's evaluation:
 the features file holds every slice's features with its class and volume, so per-class and pooled
@@ -18,7 +19,7 @@ import numpy as np
 from medldm.data import h5layout
 from medldm.data.cohort import load_prepared
 from medldm.errors import InputError, run_cli
-from medldm.evaluation.fid import SliceSpec, slice_features
+from medldm.evaluation.fid import SliceSpec, save_per_channel, slice_features
 from medldm.evaluation.fid_weights import load_inception, read_record
 from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings, name_list
@@ -26,8 +27,9 @@ from medldm.settings import load_settings, name_list
 log = logging.getLogger("fid_reference")
 
 
-def reconstructed_volumes(path: Path, subject_ids: list[str], class_index, split: str):
-    """(volume, class) of the reconstructions of ``subject_ids``, in that order, read one at a time."""
+def reconstructed_volumes(path: Path, subject_ids: list[str], class_index, split: str, channel: int = 0):
+    """(volume, class) of the reconstructions of ``subject_ids`` (image ``channel``), in that order,
+    read one at a time."""
     with h5layout.open_volumes(path) as recon:
         row_of = {s: i for i, s in enumerate(recon.subject_ids)}
         missing = [s for s in subject_ids if s not in row_of]
@@ -35,7 +37,7 @@ def reconstructed_volumes(path: Path, subject_ids: list[str], class_index, split
             raise InputError(f"{path}: no reconstruction of {split} subjects {missing[:5]}; rerun the "
                              "reconstruction (decode) rule of this autoencoder")
         for s, c in zip(subject_ids, class_index, strict=True):
-            yield np.asarray(recon.image[row_of[s]]), int(c)
+            yield np.asarray(recon.channel(channel)[row_of[s]]), int(c)
 
 
 def main(argv=None) -> int:
@@ -60,17 +62,20 @@ def main(argv=None) -> int:
     record = read_record(args.weights_record)
     device = pick_device(args.device)
     model = load_inception(fid["dims"], device, record["weights"])
-    if args.reconstructions:
-        volumes = reconstructed_volumes(args.reconstructions, real.subject_ids, real.class_index, args.split)
-    else:
-        volumes = ((real.volume(i), int(real.class_index[i])) for i in range(len(real)))
-    features = slice_features(volumes, model, SliceSpec.from_settings(fid), device, args.batch_size,
-                              meta={"weights_sha256": record["sha256"], "weights_source": record["source"],
-                                    "split": args.split, "subject_ids": real.subject_ids,
-                                    "reconstructions": str(args.reconstructions or ""),
-                                    "class_names": classes, "manifest": str(args.manifest)})
-    features.save(args.out)
-    counts = {axis: len(f) for axis, f in features.features.items()}
+    per_channel = {}
+    for k, name in enumerate(real.channel_names):
+        if args.reconstructions:
+            volumes = reconstructed_volumes(args.reconstructions, real.subject_ids, real.class_index, args.split, k)
+        else:
+            volumes = ((real.volume(i, k), int(real.class_index[i])) for i in range(len(real)))
+        per_channel[name] = slice_features(
+            volumes, model, SliceSpec.from_settings(fid), device, args.batch_size,
+            meta={"weights_sha256": record["sha256"], "weights_source": record["source"],
+                  "split": args.split, "subject_ids": real.subject_ids,
+                  "reconstructions": str(args.reconstructions or ""),
+                  "class_names": classes, "manifest": str(args.manifest)})
+    save_per_channel(args.out, per_channel)
+    counts = {axis: len(f) for axis, f in per_channel[real.channel_names[0]].features.items()}
     what = f"reconstructions of {args.split}" if args.reconstructions else args.split
     log.info("%d volumes (%s), slices per axis %s -> %s", len(real), what, counts, args.out)
     return 0

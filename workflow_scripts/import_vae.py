@@ -50,12 +50,12 @@ def main(argv=None) -> int:
     settings, prepare = load_settings(args.settings), load_settings(args.prepare)
     inference, paired = load_settings(args.inference), settings["paired_labels"]
     device = pick_device(args.device)
-    channels = ae.io_channels(paired, len(args.labels))
+    data = load_prepared(args.manifest, args.classes, with_labels=paired)
+    channels = ae.io_channels(paired, len(args.labels), image_channels=len(data.channel_names))
     net = load_pretrained(args.pretrained, settings["model"], channels, f"vae.{args.name}.pretrained").to(device)
     sha256 = sha256_file(args.pretrained)
     log.info("loaded %s (sha256 %s) into %s", args.pretrained, sha256, type(net).__name__)
 
-    data = load_prepared(args.manifest, args.classes, with_labels=paired)
     ae.check_grid(settings["model"], data.shape)
     shown = max(args.montage_subjects, 1)
     split = "val" if "val" in data.splits else "train"

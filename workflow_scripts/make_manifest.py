@@ -24,7 +24,8 @@ from medldm.settings import load_settings, name_list
 
 
 def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list[str], where="sample sheet"):
-    sheet = check_samples(sheet, classes, where, check_files=False)
+    channels = json.loads(infos[0].read_text()).get("channels") if infos else None  # image_channels, as prepared
+    sheet = check_samples(sheet, classes, where, check_files=False, channels=channels)
     sheet["split"] = resolve_splits(sheet, split_settings, where)
     folders = {path.parent.name: path.parent for path in infos}
     rows = []
@@ -39,19 +40,23 @@ def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list
             "spacing": "x".join(f"{s:g}" for s in info["spacing"]),
             "p_low": f"{info['p_low']:.6g}", "p_high": f"{info['p_high']:.6g}",
             "mask": str(folder / "mask.nii.gz") if row["mask"] else "",
+            "channels": ",".join(info.get("channels", [])),  # image.nii.gz is then (X, Y, Z, C)
         })
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
 def write_montage(manifest, path: Path, per_class: int = 3) -> None:
-    """Mid-slices (three axes) of a few prepared subjects per class."""
+    """Mid-slices (three axes) of a few prepared subjects per class (of each channel's)."""
     from medldm.report.montage import save_montage
 
     volumes, titles = [], []
     for cls, group in manifest.groupby("class", sort=True):
         for _, row in group.head(per_class).iterrows():
-            volumes.append(np.asarray(nib.load(row["image"]).dataobj, np.float32))
-            titles.append(f"{row['subject_id']} {cls}".strip())
+            image = np.asarray(nib.load(row["image"]).dataobj, np.float32)
+            names = row["channels"].split(",") if row["channels"] else [""]
+            for c, name in enumerate(names):
+                volumes.append(image[..., c] if image.ndim == 4 else image)
+                titles.append(f"{row['subject_id']} {cls} {name}".strip())
     save_montage(path, volumes, titles)
 
 

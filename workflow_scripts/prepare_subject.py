@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Prepare one subject: RAS, resampled, cropped/padded, intensity-normalised image (+ label map,
-+ inpainting mask, both nearest neighbour on the image's grid)."""
++ inpainting mask, both nearest neighbour on the image's grid). A multi-channel subject (--channel
+for each further channel, --channel-names for all) is written as one 4D NIfTI (X, Y, Z, C)."""
 
 from __future__ import annotations
 
 import argparse
+
+import numpy as np
 
 from medldm.data.prepare import prepare_subject
 from medldm.errors import run_cli
@@ -24,6 +27,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out-label", default="", help="required when --label is given")
     parser.add_argument("--mask", default="", help="input NIfTI inpainting mask, 1 = region to fill (optional)")
     parser.add_argument("--out-mask", default="", help="required when --mask is given")
+    parser.add_argument("--channel", action="append", default=[],
+                        help="input NIfTI of a further image channel, on --image's grid (repeat, in channel order)")
+    parser.add_argument("--channel-names", default="", help="comma-separated names of all channels (with --channel)")
     parser.add_argument("--out-info", required=True, help="JSON with shape, spacing and percentiles")
     args = parser.parse_args(argv)
     settings = load_settings(args.settings)
@@ -36,9 +42,13 @@ def main(argv=None) -> int:
         args.image, args.label,
         spacing=settings["spacing"], shape=settings["shape"], percentiles=settings["percentiles"],
         foreground_threshold=settings["foreground_threshold"], label_values=label_values,
-        intensity=settings.get("intensity"), mask_path=args.mask or None,
+        intensity=settings.get("intensity"), mask_path=args.mask or None, channel_paths=args.channel,
     )
-    save_nifti(args.out_image, prepared.image, prepared.affine)
+    names = [n for n in args.channel_names.split(",") if n]
+    if args.channel and len(names) != 1 + len(args.channel):
+        parser.error(f"--channel-names must name all {1 + len(args.channel)} channels")
+    image = prepared.image if prepared.channels is None else np.stack(prepared.channels, axis=-1)
+    save_nifti(args.out_image, image, prepared.affine)
     if prepared.label is not None:
         save_nifti(args.out_label, prepared.label, prepared.affine)
     if prepared.mask is not None:
@@ -48,6 +58,7 @@ def main(argv=None) -> int:
         "spacing": [float(s) for s in settings["spacing"]],
         "p_low": prepared.p_low,
         "p_high": prepared.p_high,
+        **({"channels": names, "channel_range": prepared.channel_range} if prepared.channels else {}),
     })
     return 0
 

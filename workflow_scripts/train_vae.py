@@ -65,7 +65,9 @@ def write_outputs(args, settings, prepare, classes, labels, data, result, inputs
     factor = ae.downsampling(settings["model"])
     ae.save_vae(args.out, result.model, {
         "settings": settings,
-        "channels": ae.io_channels(settings["paired_labels"], len(labels), ae.labels_only(settings)),
+        "channels": ae.io_channels(settings["paired_labels"], len(labels), only_labels=ae.labels_only(settings),
+                                   image_channels=len(data.channel_names)),
+        "image_channels": data.channel_names,
         "classes": classes,
         "labels": labels,
         "prepare": prepare,

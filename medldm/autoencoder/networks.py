@@ -1,11 +1,11 @@
 """The autoencoder: MONAI ``AutoencoderKL`` built from settings, its losses, the paired
 image + label-map channels, and encode/decode helpers used by training, export and decode.
 
-Shapes: images ``(B, 1, X, Y, Z)`` in [0, 1]; label maps ``(B, X, Y, Z)`` int with values
-0..L-1; network input/output ``(B, C, X, Y, Z)`` where C = 1 (image only), 1 + L (paired: image
-plus one-hot labels in, image plus label logits out) or L (``inputs: labels``: one-hot label
-maps in, label logits out, no image); latents ``(B, latent_channels, x, y, z)`` with
-x = X / 2**(levels - 1).
+Shapes: images ``(B, K, X, Y, Z)`` in [0, 1] (K image channels, 1 unless ``image_channels``);
+label maps ``(B, X, Y, Z)`` int with values 0..L-1; network input/output ``(B, C, X, Y, Z)`` where
+C = K (image only), K + L (paired: image plus one-hot labels in, image plus label logits out) or L
+(``inputs: labels``: one-hot label maps in, label logits out, no image); latents
+``(B, latent_channels, x, y, z)`` with x = X / 2**(levels - 1).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def labels_only(settings: dict) -> bool:
     return settings.get("inputs", "image") == "labels"
 
 
-def io_channels(paired_labels: bool, n_labels: int, only_labels: bool = False) -> int:
-    """Channels in and out of the network: the image, plus one per label in paired mode; one
+def io_channels(paired_labels: bool, n_labels: int, *, only_labels: bool = False, image_channels: int = 1) -> int:
+    """Channels in and out of the network: the image's, plus one per label in paired mode; one
     per label and no image for a label-map autoencoder (``only_labels``)."""
     if only_labels:
         if paired_labels:
@@ -45,7 +45,12 @@ def io_channels(paired_labels: bool, n_labels: int, only_labels: bool = False) -
         return n_labels
     if paired_labels and n_labels < 2:
         raise InputError("vae.paired_labels is true but config 'labels' names fewer than 2 labels")
-    return 1 + (n_labels if paired_labels else 0)
+    return image_channels + (n_labels if paired_labels else 0)
+
+
+def image_channel_names(vae: dict) -> list[str]:
+    """The image channels a ``vae.pt`` payload was trained on (``["image"]``: one, the default)."""
+    return vae.get("image_channels") or ["image"]
 
 
 def build_autoencoder(model: dict, channels: int) -> AutoencoderKL:
@@ -114,12 +119,14 @@ def to_network_input(image: torch.Tensor | None, label: torch.Tensor | None, n_l
     return torch.cat([image, onehot.to(image.dtype)], dim=1)
 
 
-def split_output(out: torch.Tensor, only_labels: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Network output ``(B,C,...)`` -> image ``(B,1,...)`` and label logits ``(B,C-1,...)`` or None;
+def split_output(out: torch.Tensor, only_labels: bool = False,
+                 image_channels: int = 1) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Network output ``(B,C,...)`` -> image ``(B,K,...)`` and label logits ``(B,C-K,...)`` or None;
     (None, all channels as logits) for a label-map autoencoder."""
     if only_labels:
         return None, out
-    return out[:, :1], (out[:, 1:] if out.shape[1] > 1 else None)
+    k = image_channels
+    return out[:, :k], (out[:, k:] if out.shape[1] > k else None)
 
 
 def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -183,7 +190,7 @@ class Losses:
             parts = {"label": self.label(out.float(), label.unsqueeze(1)), "kl": kl_loss(mu.float(), sigma.float())}
             parts["total"] = parts["label"] + kl_weight(self.cfg, epoch) * parts["kl"]
             return parts
-        recon_image, logits = split_output(out.float())
+        recon_image, logits = split_output(out.float(), image_channels=image.shape[1])
         parts = {"recon": self.recon(recon_image, image), "kl": kl_loss(mu.float(), sigma.float())}
         total = parts["recon"] + kl_weight(self.cfg, epoch) * parts["kl"]
         if self.cfg["gradient_weight"] > 0:
@@ -193,7 +200,8 @@ class Losses:
             parts["label"] = self.label(logits, label.unsqueeze(1))
             total = total + self.cfg["label_weight"] * parts["label"]
         if self.perceptual is not None:
-            parts["perceptual"] = self.perceptual(recon_image, image)
+            parts["perceptual"] = sum(self.perceptual(recon_image[:, c:c + 1], image[:, c:c + 1])
+                                      for c in range(image.shape[1])) / image.shape[1]
             total = total + self.cfg["perceptual_weight"] * parts["perceptual"]
         if self.adversarial_on(epoch):
             fake = self.discriminator(recon_image.contiguous())[-1]
@@ -213,13 +221,13 @@ class Losses:
         )
 
 
-def build_discriminator(loss: dict, spatial_dims: int) -> PatchDiscriminator | None:
-    """The patch discriminator on the image channel, or None when the adversarial loss is off."""
+def build_discriminator(loss: dict, spatial_dims: int, image_channels: int = 1) -> PatchDiscriminator | None:
+    """The patch discriminator on the image channels, or None when the adversarial loss is off."""
     if loss["adversarial_weight"] <= 0:
         return None
     disc = loss["discriminator"]
     return PatchDiscriminator(
-        spatial_dims=spatial_dims, channels=disc["channels"], in_channels=1, num_layers_d=disc["num_layers"]
+        spatial_dims=spatial_dims, channels=disc["channels"], in_channels=image_channels, num_layers_d=disc["num_layers"]
     )
 
 
@@ -319,12 +327,14 @@ def make_decoder(model: AutoencoderKL, inference: dict):
     return decode
 
 
-def to_volumes(out: torch.Tensor, only_labels: bool = False) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Network output ``(B,C,X,Y,Z)`` -> images ``(B,X,Y,Z)`` float32 clipped to [0, 1] (None for a
-    label-map autoencoder) and, in paired or label mode, label maps ``(B,X,Y,Z)`` uint8 (argmax
-    of the logits)."""
-    image, logits = split_output(out.float(), only_labels)
-    image = None if image is None else image[:, 0].clamp(0, 1).cpu().numpy()
+def to_volumes(out: torch.Tensor, only_labels: bool = False,
+               image_channels: int = 1) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Network output ``(B,C,X,Y,Z)`` -> images ``(B,X,Y,Z)`` (``(B,K,X,Y,Z)`` for K > 1 image
+    channels) float32 clipped to [0, 1] (None for a label-map autoencoder) and, in paired or label
+    mode, label maps ``(B,X,Y,Z)`` uint8 (argmax of the logits)."""
+    image, logits = split_output(out.float(), only_labels, image_channels)
+    if image is not None:
+        image = (image[:, 0] if image_channels == 1 else image).clamp(0, 1).cpu().numpy()
     label = None if logits is None else logits.argmax(1).to(torch.uint8).cpu().numpy()
     return image, label
 
@@ -333,7 +343,7 @@ def to_volumes(out: torch.Tensor, only_labels: bool = False) -> tuple[np.ndarray
 def encode_set(net: AutoencoderKL, images: torch.Tensor | None, labels: torch.Tensor | None, n_labels: int,
                device: torch.device, inference: dict,
                progress: bool = True) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Encode ``images`` ``(N,1,X,Y,Z)`` (with ``labels`` ``(N,X,Y,Z)`` in paired mode; ``labels``
+    """Encode ``images`` ``(N,K,X,Y,Z)`` (with ``labels`` ``(N,X,Y,Z)`` in paired mode; ``labels``
     alone, ``images`` None, for a label-map autoencoder) in fp32 batches of
     ``inference.batch_size``, by sliding windows when ``inference.roi_size`` is set; yields
     (first index, mu, logvar), each ``(b, c, x, y, z)`` float32."""
@@ -350,15 +360,16 @@ def encode_set(net: AutoencoderKL, images: torch.Tensor | None, labels: torch.Te
 
 @torch.no_grad()
 def decode_set(net: AutoencoderKL, latents, inference: dict, device: torch.device,
-               progress: bool = True, only_labels: bool = False) -> Iterator[tuple[int, np.ndarray | None, np.ndarray | None]]:
+               progress: bool = True, only_labels: bool = False,
+               image_channels: int = 1) -> Iterator[tuple[int, np.ndarray | None, np.ndarray | None]]:
     """Decode ``latents`` (array-like ``(N,c,x,y,z)``, e.g. an HDF5 dataset, used as stored) in
-    fp32 batches; yields (first index, images ``(b,X,Y,Z)`` or None for a label-map autoencoder
-    (``only_labels``), label maps ``(b,X,Y,Z)`` or None)."""
+    fp32 batches; yields (first index, images ``(b,X,Y,Z)`` (``(b,K,X,Y,Z)`` for K > 1 image
+    channels) or None for a label-map autoencoder (``only_labels``), label maps ``(b,X,Y,Z)`` or None)."""
     decode = make_decoder(net, inference)
     size = inference["batch_size"]
     for start in tqdm(range(0, len(latents), size), desc="decoding", unit="batch", disable=None if progress else True):
         z = torch.as_tensor(np.asarray(latents[start : start + size]), dtype=torch.float32, device=device)
-        yield start, *to_volumes(decode(z), only_labels)
+        yield start, *to_volumes(decode(z), only_labels, image_channels)
 
 
 class LatentStats:

@@ -73,4 +73,5 @@ def crop_batch(image: torch.Tensor, label: torch.Tensor | None, size: Sequence[i
     """``random_crops`` of an image batch and, in paired mode, the same crops of its label maps."""
     x = image if label is None else torch.cat([image, label[:, None].to(image.dtype)], 1)
     x = random_crops(x, size, train["foreground_fraction"], train["foreground_threshold"], key)
-    return x[:, :1], (None if label is None else x[:, 1].to(label.dtype))
+    k = image.shape[1]
+    return x[:, :k], (None if label is None else x[:, k].to(label.dtype))

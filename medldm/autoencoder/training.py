@@ -100,9 +100,11 @@ class VAETrainer:
 
         spatial_dims = settings["model"]["spatial_dims"]
         self.layout = memory_format(device)
-        self.net = ae.build_autoencoder(settings["model"], ae.io_channels(self.paired, n_labels, self.only_labels))
+        self.image_channels = len(train.channel_names)
+        self.net = ae.build_autoencoder(settings["model"], ae.io_channels(
+            self.paired, n_labels, only_labels=self.only_labels, image_channels=self.image_channels))
         self.net.to(device, memory_format=self.layout)
-        self.disc = ae.build_discriminator(settings["loss"], spatial_dims)
+        self.disc = ae.build_discriminator(settings["loss"], spatial_dims, self.image_channels)
         self.losses = ae.Losses(settings["loss"], spatial_dims, self.disc, self.only_labels)
         if self.losses.perceptual is not None:
             self.losses.perceptual.to(device)
@@ -228,7 +230,8 @@ class VAETrainer:
         self.lr_schedule.step()
         if self.losses.adversarial_on(self.epoch):
             with autocast(self.device, self.train_cfg["bf16"]):
-                parts["disc"] = self.losses.discriminator_loss(self.disc_model, out[:, :1].float(), image)
+                parts["disc"] = self.losses.discriminator_loss(self.disc_model, out[:, :self.image_channels].float(),
+                                                              image)
             self.opt_d.zero_grad(set_to_none=True)
             parts["disc"].backward()
             torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.train_cfg["grad_clip"])
@@ -355,7 +358,7 @@ def evaluate_reconstruction(net, data: PreparedSet, n_labels: int, paired: bool,
                             only_labels: bool = False) -> tuple[dict, Path | None]:
     """Mean SSIM, PSNR (and label Dice, foreground labels) of ``mu`` reconstructions of ``data``
     (fp32), plus a montage of originals and reconstructions of the first ``montage_subjects``
-    subjects. Reads ``inference.batch_size`` subjects at a time. Under torchrun this is collective
+    subjects (each image channel). Reads ``inference.batch_size`` subjects at a time. Under torchrun this is collective
     (MONAI metrics gather over ranks): every rank calls it with its shard. A label-map
     autoencoder (``only_labels``) is scored by Dice alone (``dice``, and ``dice_<index>`` per
     foreground label)."""
@@ -371,21 +374,24 @@ def evaluate_reconstruction(net, data: PreparedSet, n_labels: int, paired: bool,
     for _, images, labels in cohort.batches(data, size):
         labels = labels if paired else None
         mu = np.concatenate([m for _, m, _ in ae.encode_set(net, images, labels, n_labels, device, inference, progress=False)])
-        decoded = list(ae.decode_set(net, mu, inference, device, progress=False))
-        recon = torch.from_numpy(np.concatenate([image for _, image, _ in decoded]))[:, None]
+        decoded = list(ae.decode_set(net, mu, inference, device, progress=False, image_channels=images.shape[1]))
+        recon = torch.from_numpy(np.concatenate([image for _, image, _ in decoded])).reshape(images.shape)
         ssim(recon, images)
         psnr(recon, images)
         if paired:
             recon_label = torch.from_numpy(np.concatenate([label for _, _, label in decoded]))
             dice(_onehot(recon_label, n_labels), _onehot(labels, n_labels))
-        volumes += [v for i in range(min(len(images), shown - len(volumes) // 2))
-                    for v in (images[i, 0].numpy(), recon[i, 0].numpy())]
+        per_subject = 2 * len(data.channel_names)
+        volumes += [v for i in range(min(len(images), shown - len(volumes) // per_subject))
+                    for c in range(images.shape[1]) for v in (images[i, c].numpy(), recon[i, c].numpy())]
     metrics = {"ssim": float(ssim.aggregate()), "psnr": float(psnr.aggregate())}
     if paired:
         metrics["dice"] = float(dice.aggregate())
     if montage_path is None or not shown:
         return metrics, None
-    titles = [t for sid in data.subject_ids[:shown] for t in (f"{sid} input", f"{sid} recon")]
+    names = data.channel_names if len(data.channel_names) > 1 else [""]
+    titles = [t for sid in data.subject_ids[:shown] for name in names
+              for t in (f"{sid} {name} input".replace("  ", " "), f"{sid} {name} recon".replace("  ", " "))]
     save_montage(montage_path, volumes, titles)
     return metrics, montage_path
 

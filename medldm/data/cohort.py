@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -26,16 +26,18 @@ log = logging.getLogger(__name__)
 
 
 class NiftiVolumes:
-    """NIfTI files read on access, indexed like a ``(N, 1, X, Y, Z)`` tensor's rows: ``[i]`` reads
-    file ``i`` as a ``(1, X, Y, Z)`` tensor (``channel`` False: ``(X, Y, Z)``); a list of positions
-    gives the lazy subset of those files. ``shape`` is that of the whole stack."""
+    """NIfTI files read on access, indexed like a ``(N, C, X, Y, Z)`` tensor's rows: ``[i]`` reads
+    file ``i`` as a ``(C, X, Y, Z)`` tensor (``channel`` False: ``(X, Y, Z)``); a list of positions
+    gives the lazy subset of those files. ``shape`` is that of the whole stack. ``channels`` > 1:
+    the files are 4D ``(X, Y, Z, C)`` (multi-channel subjects)."""
 
-    def __init__(self, paths: Sequence[str], dtype, grid: tuple[int, ...], channel: bool = True):
+    def __init__(self, paths: Sequence[str], dtype, grid: tuple[int, ...], channel: bool = True, channels: int = 1):
         self.paths, self.dtype, self.grid, self.channel = list(paths), dtype, tuple(grid), channel
+        self.channels = channels
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self.paths), *((1,) if self.channel else ()), *self.grid)
+        return (len(self.paths), *((self.channels,) if self.channel else ()), *self.grid)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -43,9 +45,11 @@ class NiftiVolumes:
     def __getitem__(self, i):
         if isinstance(i, (int, np.integer)):
             volume = torch.from_numpy(np.asarray(nib.load(self.paths[i]).dataobj, dtype=self.dtype))
+            if volume.ndim == 4:
+                return volume.movedim(-1, 0)
             return volume[None] if self.channel else volume
         return NiftiVolumes([self.paths[j] for j in np.asarray(i, dtype=np.int64).tolist()], self.dtype,
-                            self.grid, self.channel)
+                            self.grid, self.channel, self.channels)
 
 
 class Rows(Sequence):
@@ -70,12 +74,13 @@ class Rows(Sequence):
 class PreparedSet:
     """Subjects of a manifest, in manifest order, as a map-style torch Dataset.
 
-    images: row ``i`` is subject ``i``'s ``(1, X, Y, Z)`` float32 tensor in [0, 1] (``NiftiVolumes``
-    read on access, or an in-memory ``(N, 1, X, Y, Z)`` tensor); labels: row ``i`` its ``(X, Y, Z)``
+    images: row ``i`` is subject ``i``'s ``(C, X, Y, Z)`` float32 tensor in [0, 1] (``NiftiVolumes``
+    read on access, or an in-memory ``(N, C, X, Y, Z)`` tensor); labels: row ``i`` its ``(X, Y, Z)``
     uint8 label map, or None; masks: row ``i`` its ``(X, Y, Z)`` uint8 inpainting
     mask (1 = region to fill), or None; class_index ``(N,)`` int64 (-1 for no class); affines ``(N, 4, 4)``:
     each subject's prepared affine (all share voxel axes and spacing; each keeps its own origin).
-    ``data[i]`` is ``{"image": (1, X, Y, Z)[, "label": (X, Y, Z)]}``, read from disk.
+    ``data[i]`` is ``{"image": (C, X, Y, Z)[, "label": (X, Y, Z)]}``, read from disk.
+    channel_names: the C image channels (config ``image_channels``); ``["image"]`` for one.
     """
 
     subject_ids: list[str]
@@ -85,6 +90,7 @@ class PreparedSet:
     labels: NiftiVolumes | torch.Tensor | None
     affines: np.ndarray
     masks: NiftiVolumes | torch.Tensor | None = None
+    channel_names: list[str] = field(default_factory=lambda: ["image"])
 
     @property
     def affine(self) -> np.ndarray:
@@ -105,13 +111,14 @@ class PreparedSet:
             item["label"] = self.labels[i]
         return item
 
-    def volume(self, i: int) -> np.ndarray:
-        """Subject ``i``'s image ``(X, Y, Z)`` float32."""
-        return self.images[i][0].numpy()
+    def volume(self, i: int, channel: int = 0) -> np.ndarray:
+        """Subject ``i``'s image ``(X, Y, Z)`` float32 (of its ``channel``)."""
+        return self.images[i][channel].numpy()
 
-    def volumes(self) -> Rows:
-        """The images as a lazy sequence of ``(X, Y, Z)`` float32 arrays (one read per access)."""
-        return Rows(_ImageRows(self))
+    def volumes(self, channel: int = 0) -> Rows:
+        """The images (of one ``channel``) as a lazy sequence of ``(X, Y, Z)`` float32 arrays (one
+        read per access)."""
+        return Rows(_ImageRows(self, channel))
 
     def select(self, keep: list[int]) -> PreparedSet:
         """The subjects at positions ``keep``."""
@@ -131,24 +138,24 @@ class PreparedSet:
 
     def bytes_per_subject(self) -> int:
         voxels = int(np.prod(self.shape))
-        return voxels * (4 + (1 if self.labels is not None else 0))
+        return voxels * (4 * len(self.channel_names) + (1 if self.labels is not None else 0))
 
 
 class _ImageRows:
-    """``PreparedSet`` images as ``(X, Y, Z)`` rows, for ``Rows``."""
+    """``PreparedSet`` images (one channel) as ``(X, Y, Z)`` rows, for ``Rows``."""
 
-    def __init__(self, data: PreparedSet):
-        self.data = data
+    def __init__(self, data: PreparedSet, channel: int = 0):
+        self.data, self.channel = data, channel
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.data.volume(i)
+        return self.data.volume(i, self.channel)
 
 
 def batches(data: PreparedSet, batch_size: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
-    """(first index, images ``(b, 1, X, Y, Z)``, labels ``(b, X, Y, Z)`` or None) in manifest
+    """(first index, images ``(b, C, X, Y, Z)``, labels ``(b, X, Y, Z)`` or None) in manifest
     order, ``batch_size`` subjects read at a time."""
     for start in range(0, len(data), batch_size):
         items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
@@ -231,11 +238,15 @@ def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bo
         raise InputError(f"manifest {manifest_path} lists no subjects")
     with_labels = with_labels and bool((table["label"] != "").all())
     with_masks = bool((table["mask"] != "").all())
+    channel_names = manifest_channels(table, manifest_path)
     affines, affine, shape, moved = [], None, None, 0
     for _, row in table.iterrows():
         img = _header(row["image"], manifest_path)
         if affine is None:
             affine, shape = img.affine, img.shape
+            if len(channel_names) > 1 and shape[3:] != (len(channel_names),):
+                raise InputError(f"{row['image']}: shape {shape} does not hold the manifest's channels "
+                                 f"{channel_names} as a 4th axis; re-run the prepare stage")
         elif img.shape != shape:
             raise InputError(
                 f"{row['image']}: shape {img.shape} differs from {shape} of the other subjects; "
@@ -258,8 +269,19 @@ def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bo
         subject_ids=table["subject_id"].tolist(),
         class_index=class_indices(table["class"].tolist(), classes, f"manifest {manifest_path}"),
         splits=table["split"].tolist(),
-        images=NiftiVolumes(table["image"].tolist(), np.float32, shape),
-        labels=NiftiVolumes(table["label"].tolist(), np.uint8, shape, channel=False) if with_labels else None,
+        images=NiftiVolumes(table["image"].tolist(), np.float32, shape[:3], channels=len(channel_names)),
+        labels=NiftiVolumes(table["label"].tolist(), np.uint8, shape[:3], channel=False) if with_labels else None,
         affines=np.stack(affines).astype(np.float64),
-        masks=NiftiVolumes(table["mask"].tolist(), np.uint8, shape, channel=False) if with_masks else None,
+        masks=NiftiVolumes(table["mask"].tolist(), np.uint8, shape[:3], channel=False) if with_masks else None,
+        channel_names=channel_names,
     )
+
+
+def manifest_channels(table, manifest_path) -> list[str]:
+    """The image channels the manifest records (its ``channels`` column); ``["image"]`` for one."""
+    recorded = set(table["channels"])
+    if len(recorded) > 1:
+        raise InputError(f"manifest {manifest_path}: subjects have different image channels {sorted(recorded)}; "
+                         "re-run the prepare stage")
+    names = recorded.pop()
+    return names.split(",") if names else ["image"]

@@ -189,6 +189,16 @@ def synthesize_subject(template: Template, subject_index: int, seed: int, is_les
     return image.astype(np.float32), labels.astype(np.uint8), out_affine, warped
 
 
+def second_contrast(image: np.ndarray, seed: int, gamma: float = 0.5) -> np.ndarray:
+    """A second, co-registered contrast of a demo image (for multi-channel subjects, config
+    ``image_channels``): its intensities through a gamma curve, which brightens dark tissue as another
+    MR contrast would, with its own seeded noise."""
+    rng = np.random.default_rng(seed)
+    top = float(image.max()) or 1.0
+    contrast = top * (np.clip(image, 0, None) / top) ** gamma
+    return np.clip(contrast + rng.normal(0.0, 0.01 * top, image.shape), 0, None).astype(np.float32)
+
+
 def write_cohort(out_dir: str | Path, n_subjects: int, seed: int, lesion_class: str = "TLE",
                  resolution_mm: int = 2, progress: bool = True, masks_per_subject: int = 0,
                  ellipsoids: int = 3) -> Path:

@@ -27,12 +27,16 @@ Two kinds of file, each stamped with ``kind`` and ``format_version`` attributes 
     subject and are placed with ``grid_affine``.
 
 ``volumes`` (``decode`` writes it; evaluation reads it)
-    image         (N, X, Y, Z) float32      intensities in [0, 1] on the prepared grid (optional when
-                                            ``label`` is present: a label-map generator's volumes)
+    image         (N, X, Y, Z) float32      intensities in [0, 1] on the prepared grid; with K > 1
+                                            image channels (attr ``image_channels``): (N, K, X, Y, Z).
+                                            Read it through ``channel(k)`` / ``channel_names``.
+                                            Optional when ``label`` is present (a label-map generator's volumes)
     label         (N, X, Y, Z) uint8        label maps, values index ``label_names`` (optional)
     mask          (N, X, Y, Z) uint8        inpainting masks of inpainted rows (optional)
     subject_id, class_index, split, affine, source_id (optional)  as above
-    attrs: grid_affine, grid_shape, class_names, label_names, settings.
+    attrs: grid_affine, grid_shape, class_names, label_names, settings; image_channels (JSON list
+    of the channel names; also in export_latents' latents) only in files of multi-channel subjects:
+    a file without it has one channel, named ``image``.
 
 Latents are stored unscaled: a consumer multiplies by ``scale_factor`` before diffusion and
 divides by it after sampling, exactly once (see ``medldm.diffusion.process``).
@@ -82,6 +86,7 @@ class Header:
     settings: dict = field(default_factory=dict)
     scale_factor: float | None = None  # latents only
     vae_sha256: str = ""  # latents only
+    image_channels: list[str] = field(default_factory=list)  # [] = one channel, named "image"
 
 
 class _Writer:
@@ -131,6 +136,8 @@ def _write_header(h5: h5py.File, kind: str, header: Header) -> None:
     h5.attrs["vae_sha256"] = header.vae_sha256
     if header.scale_factor is not None:
         h5.attrs["scale_factor"] = float(header.scale_factor)
+    if header.image_channels:
+        h5.attrs["image_channels"] = json.dumps(list(header.image_channels))
 
 
 def _create_rows(h5: h5py.File, n: int) -> None:
@@ -197,13 +204,14 @@ def create_volumes(
     path: str | os.PathLike, n: int, header: Header, *, with_labels: bool = False, with_masks: bool = False,
     with_source: bool = False, with_image: bool = True,
 ) -> Iterator[_Writer]:
-    """Create a volumes file for ``n`` images on ``header.grid_shape``, atomically;
-    ``with_image=False`` (label maps only) needs ``with_labels``."""
+    """Create a volumes file for ``n`` images on ``header.grid_shape`` (of each of
+    ``header.image_channels``: rows ``(K, X, Y, Z)``), atomically; ``with_image=False`` (label
+    maps only) needs ``with_labels``."""
     if not (with_image or with_labels):
         raise ValueError("a volumes file holds images, label maps or both")
     with _create(path, VOLUMES, n, header) as (h5, writer):
         if with_image:
-            _create_array(h5, "image", n, header.grid_shape, np.float32)
+            _create_array(h5, "image", n, _image_row_shape(header), np.float32)
         if with_labels:
             _create_array(h5, "label", n, header.grid_shape, np.uint8)
         if with_masks:
@@ -213,8 +221,34 @@ def create_volumes(
         yield writer
 
 
+def _image_row_shape(header: Header) -> tuple[int, ...]:
+    """One row of ``image``: the grid, or (K, *grid) for K > 1 image channels."""
+    channels = (len(header.image_channels),) if header.image_channels else ()
+    return (*channels, *header.grid_shape)
+
+
+class _ChannelRows:
+    """Channel ``k`` of a multi-channel ``image`` dataset, indexed like a single-channel one."""
+
+    def __init__(self, dataset, k: int):
+        self.dataset, self.k = dataset, k
+        self.shape = (dataset.shape[0], *dataset.shape[2:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer, slice)):
+            return self.dataset[i, self.k]
+        rows = np.asarray(i, dtype=np.int64)
+        return np.stack([self.dataset[int(j), self.k] for j in rows]) if len(rows) else np.zeros((0, *self.shape[1:]))
+
+
 class H5File:
     """A checked, read-only view of a medldm HDF5 file; arrays are read lazily by index.
+
+    Images go through ``channel(k)`` (rows ``(X, Y, Z)`` of channel ``k``) and ``channel_names``
+    (``["image"]`` for one channel), so that single- and multi-channel files read alike.
 
     ``f.mu[i]``, ``f.image[a:b]``, ``f.label``, ``f.mask``, ``f.voided_mu`` (None when absent), ``f.subject_ids``, ``f.source_ids`` (None when absent),
     ``f.class_index``, ``f.splits``, ``f.affines`` (N, 4, 4), ``f.header``. Use as a context manager or call ``close()``.
@@ -242,6 +276,7 @@ class H5File:
             settings=json.loads(attrs["settings"]),
             scale_factor=float(attrs["scale_factor"]) if "scale_factor" in attrs else None,
             vae_sha256=str(attrs.get("vae_sha256", "")),
+            image_channels=json.loads(attrs.get("image_channels", "[]")),
         )
         self.subject_ids = [s.decode() if isinstance(s, bytes) else s for s in self.h5["subject_id"][:]]
         self.class_index = self.h5["class_index"][:]
@@ -278,8 +313,11 @@ class H5File:
         for name in ("logvar", "voided_mu"):
             if name in self.h5 and self.h5[name].shape != self.h5["mu"].shape:
                 raise InputError(f"{where}: {name} shape {self.h5[name].shape} != mu shape {self.h5['mu'].shape}")
-        if kind == VOLUMES and tuple(self.h5[main].shape[1:]) != tuple(attrs["grid_shape"]):
-            raise InputError(f"{where}: {main} shape {self.h5[main].shape[1:]} != grid_shape {tuple(attrs['grid_shape'])}")
+        channels = json.loads(attrs.get("image_channels", "[]"))
+        expected = (*((len(channels),) if channels and main == "image" else ()), *(int(s) for s in attrs["grid_shape"]))
+        if kind == VOLUMES and tuple(self.h5[main].shape[1:]) != expected:
+            raise InputError(f"{where}: {main} shape {self.h5[main].shape[1:]} != {expected} (grid_shape"
+                             f"{', image_channels ' + str(channels) if channels else ''})")
 
     def __getattr__(self, name: str):
         if name in ("mu", "logvar", "label", "mask", "voided_mu", "image", "channel_mean", "channel_std"):
@@ -288,6 +326,19 @@ class H5File:
 
     def __len__(self) -> int:
         return len(self.subject_ids)
+
+    @property
+    def channel_names(self) -> list[str]:
+        return self.header.image_channels or ["image"]
+
+    def channel(self, k: int = 0):
+        """Lazy rows ``(X, Y, Z)`` of image channel ``k`` (``[i]``, ``[a:b]``, a list of rows)."""
+        image = self.h5["image"]
+        if not self.header.image_channels:
+            if k != 0:
+                raise IndexError(f"{self.path} has one image channel, not {k + 1}")
+            return image
+        return _ChannelRows(image, k)
 
     def indices(self, split: str | None = None) -> np.ndarray:
         """Row indices of one split (all rows when ``split`` is None)."""

@@ -10,6 +10,11 @@ Intensity models (config ``prepare.intensity``):
           foreground used for cropping is the body, voxels above -500 HU. No head mask.
 ``fixed`` a given ``[low, high]`` input range clipped and scaled to [0, 1]; the foreground is the
           voxels above ``low + foreground_threshold x (high - low)``.
+
+Multi-channel subjects (config ``image_channels``): the first channel's image drives resampling,
+the foreground and the crop; every other channel must share its input geometry (shape and
+affine), is resampled and cropped the same way, and is normalised on its own (``mri``: its own
+percentiles within the first channel's foreground; ``ct``/``fixed``: the same window).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class Prepared:
     p_low: float  # input intensities mapped to 0 and 1 (percentiles, or the window)
     p_high: float
     mask: np.ndarray | None = None  # (X, Y, Z) uint8 inpainting mask, 1 = region to fill
+    channels: list[np.ndarray] | None = None  # every channel (X, Y, Z), the first is ``image``
+    channel_range: list[tuple[float, float]] | None = None  # each channel's (p_low, p_high)
 
 
 @dataclass(frozen=True)
@@ -187,9 +194,10 @@ def warn_if_ct_like(data: np.ndarray, path) -> None:
 
 def prepare_subject(image_path, label_path, *, spacing, shape, percentiles, foreground_threshold,
                     label_values: list[int] | None = None, intensity: dict | None = None,
-                    mask_path=None) -> Prepared:
+                    mask_path=None, channel_paths=()) -> Prepared:
     """The whole preparation of one subject (see the module docstring); an inpainting mask
-    (``mask_path``) goes through the label map's path: nearest neighbour, same crop."""
+    (``mask_path``) goes through the label map's path: nearest neighbour, same crop.
+    ``channel_paths``: the subject's further image channels, prepared on the first's grid."""
     model = intensity_model(intensity)
     img = load_nifti_3d(image_path, "image")
     data, affine = to_ras(img)
@@ -220,7 +228,47 @@ def prepare_subject(image_path, label_path, *, spacing, shape, percentiles, fore
     if mask_path:
         inpaint = _prepare_mask(Path(mask_path), img, spacing, new_affine, centre, shape)
         check_prepared_mask(inpaint, mask, mask_path)
-    return Prepared(image, label, out_affine, lo, hi, inpaint)
+    prepared = Prepared(image, label, out_affine, lo, hi, inpaint)
+    if channel_paths:
+        grid = _ChannelGrid(img, image_path, model, spacing, centre, shape, mask, percentiles)
+        others = [grid.prepare(Path(path)) for path in channel_paths]
+        prepared.channels = [image, *(channel for channel, _ in others)]
+        prepared.channel_range = [(lo, hi), *(bounds for _, bounds in others)]
+    return prepared
+
+
+@dataclass
+class _ChannelGrid:
+    """The first channel's grid and foreground, on which the further channels are prepared."""
+
+    img: nib.Nifti1Image  # the first channel as loaded
+    path: str | Path
+    model: IntensityModel
+    spacing: object
+    centre: np.ndarray
+    shape: object
+    foreground: np.ndarray  # on the cropped grid
+    percentiles: object
+
+    def prepare(self, path: Path) -> tuple[np.ndarray, tuple[float, float]]:
+        """One further channel: checked, resampled, cropped, normalised on its own."""
+        channel = load_nifti_3d(path, "image channel")
+        if channel.shape != self.img.shape or not np.allclose(channel.affine, self.img.affine, atol=1e-3):
+            raise InputError(
+                f"{path}: image channel geometry (shape {channel.shape}) differs from the subject's first channel "
+                f"{self.path} (shape {self.img.shape}, or another affine); image_channels must be co-registered "
+                "on one grid: resample it onto the first channel's grid"
+            )
+        data, affine = to_ras(channel)
+        if self.model.name == "mri":
+            resampled, _ = resample(data, affine, self.spacing, order=1)
+        else:
+            resampled, _ = resample(scale_window(data, *self.model.window), affine, self.spacing, order=1)
+        cropped, _ = crop_or_pad(resampled, affine, self.centre, self.shape)
+        if self.model.name != "mri":
+            return cropped.astype(np.float32), self.model.window
+        out, lo, hi = normalise(cropped, self.foreground, self.percentiles)
+        return out, (lo, hi)
 
 
 def _prepare_label(path: Path, img, spacing, image_affine, centre, shape, label_values) -> np.ndarray:

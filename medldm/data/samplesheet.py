@@ -4,6 +4,10 @@ The sample sheet is a TSV with ``subject_id``, ``image`` and optional ``label``,
 ``class``, ``split`` and ``group``. Splits are per group (a participant; a row without a group is
 its own group), never per row, slice or file. See :func:`assign_splits` for how and how stably.
 
+Multi-channel subjects (config ``image_channels``, e.g. ``[t1pre, t1post]``): one path column per
+channel instead of ``image``; :func:`with_channel_columns` checks them and fills ``image`` with the
+first channel's path (the one whose geometry drives preparation).
+
 Inpainting masks: one ``mask`` file per row (1 = region to fill; all rows or none). Several masks of
 one image are several rows (each its own ``subject_id``) with the same ``image`` and one ``group``,
 so that they always share a split; rows repeating an image without sharing a group are refused.
@@ -21,7 +25,7 @@ from medldm.errors import InputError
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ["subject_id", "group", "class", "split", "image", "label", "shape", "spacing", "p_low",
-                    "p_high", "mask"]
+                    "p_high", "mask", "channels"]  # channels: comma-separated image_channels, '' for one
 SPLITS_COLUMNS = ["subject_id", "group", "class", "split"]  # splits.tsv, which `split.file` can pin
 
 
@@ -38,12 +42,34 @@ def read_table(path: str | Path, what: str) -> pd.DataFrame:
         raise InputError(f"{what} {path} is not a readable TSV: {err}") from None
 
 
-def check_samples(sheet: pd.DataFrame, classes: list[str], where: str, check_files: bool = True) -> pd.DataFrame:
-    """Checks the schema cannot express; returns the sheet with optional columns filled with ''."""
+def with_channel_columns(sheet: pd.DataFrame, channels: list[str] | None, where: str) -> pd.DataFrame:
+    """A sheet of multi-channel subjects (one path column per name in ``channels``) with ``image``
+    set to the first channel's path; unchanged when ``channels`` is empty (one ``image`` column)."""
+    if not channels:
+        return sheet
+    if "image" in sheet:
+        raise InputError(f"{where} has an `image` column, but the config's image_channels {channels} asks for "
+                         f"one path column per channel ({', '.join(channels)}) instead: rename the columns")
+    missing = [c for c in channels if c not in sheet]
+    if missing:
+        raise InputError(f"{where} lacks the column(s) {missing} of the config's image_channels {channels}: "
+                         "add one path column per channel")
+    for column in channels:
+        empty = sheet.loc[sheet[column] == "", "subject_id"].tolist()
+        if empty:
+            raise InputError(f"{where}: rows {empty} have no path in the column {column!r} (image_channels "
+                             "needs every channel of every subject)")
+    return sheet.assign(image=sheet[channels[0]])
+
+
+def check_samples(sheet: pd.DataFrame, classes: list[str], where: str, check_files: bool = True,
+                  channels: list[str] | None = None) -> pd.DataFrame:
+    """Checks the schema cannot express; returns the sheet with optional columns filled with ''
+    (and ``image`` = the first channel's path when ``channels``, see :func:`with_channel_columns`)."""
     if sheet.empty:
         raise InputError(f"{where} lists no subjects (a header only, or every row commented out with '#'): "
                          "add one row per image")
-    sheet = sheet.copy()
+    sheet = with_channel_columns(sheet.copy(), channels, where)
     for column in ("label", "mask", "class", "split", "group"):
         if column not in sheet:
             sheet[column] = ""
@@ -66,7 +92,7 @@ def check_samples(sheet: pd.DataFrame, classes: list[str], where: str, check_fil
         raise InputError(f"{where}: subjects {missing} have no class, but the config lists classes {classes}")
     if check_files:
         for _, row in sheet.iterrows():
-            for column in ("image", "label", "mask"):
+            for column in ("image", *(channels or [])[1:], "label", "mask"):
                 if row[column] and not Path(row[column]).is_file():
                     raise InputError(f"{where}: row {row['subject_id']}: {column} file {row[column]} does not exist")
     group_table(sheet, where)
@@ -181,6 +207,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         manifest.insert(1, "group", manifest.get("subject_id", ""))
     if "mask" not in manifest:  # manifests written before inpainting masks
         manifest["mask"] = ""
+    if "channels" not in manifest:  # manifests written before multi-channel subjects
+        manifest["channels"] = ""
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest]
     if missing:
         raise InputError(f"manifest {path} lacks columns {missing}; re-run the prepare stage")

@@ -134,29 +134,57 @@ class SliceFeatures:
             volume[axis] = np.repeat(np.arange(len(rows)), ends - starts)
         return SliceFeatures(features, class_index, volume, {**self.meta, "volume_class": self.volume_class[rows].tolist()})
 
-    def save(self, path: str | os.PathLike) -> None:
-        arrays = {}
+    def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """The npz entries of these features (names start with ``prefix``)."""
+        arrays = {f"{prefix}meta": np.array(json.dumps(self.meta, sort_keys=True))}
         for axis in AXES:
-            arrays[f"{axis}_features"] = self.features[axis].astype(np.float32)
-            arrays[f"{axis}_class_index"] = self.class_index[axis]
-            arrays[f"{axis}_volume"] = self.volume[axis]
+            arrays[f"{prefix}{axis}_features"] = self.features[axis].astype(np.float32)
+            arrays[f"{prefix}{axis}_class_index"] = self.class_index[axis]
+            arrays[f"{prefix}{axis}_volume"] = self.volume[axis]
+        return arrays
+
+    def save(self, path: str | os.PathLike) -> None:
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, meta=np.array(json.dumps(self.meta, sort_keys=True)), **arrays)
+            np.savez(fh, **self.arrays())
+
+    @classmethod
+    def from_npz(cls, npz, prefix: str = "") -> SliceFeatures:
+        meta = json.loads(str(npz[f"{prefix}meta"]))
+        parts = {kind: {a: npz[f"{prefix}{a}_{kind}"] for a in AXES} for kind in ("features", "class_index", "volume")}
+        if "volume_class" not in meta:
+            raise KeyError("volume_class (written by an older medldm)")
+        return cls(parts["features"], parts["class_index"], parts["volume"], meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SliceFeatures:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: no such FID features file; rerun the rule that makes it")
-        try:
-            with np.load(path) as npz:
-                meta = json.loads(str(npz["meta"]))
-                parts = {kind: {a: npz[f"{a}_{kind}"] for a in AXES} for kind in ("features", "class_index", "volume")}
-            if "volume_class" not in meta:
-                raise KeyError("volume_class (written by an older medldm)")
-        except (OSError, KeyError, ValueError) as err:
-            raise InputError(f"{path}: not a medldm FID features file ({err}); delete it and rerun") from None
-        return cls(parts["features"], parts["class_index"], parts["volume"], meta)
+        return next(iter(load_per_channel(path).values()))
+
+
+def save_per_channel(path: str | os.PathLike, features: dict[str, SliceFeatures]) -> None:
+    """Features of each image channel (``{name: features}``) in one file; one channel named
+    ``image`` is a plain :meth:`SliceFeatures.save` file."""
+    if list(features) == ["image"]:
+        features["image"].save(path)
+        return
+    arrays = {"channels": np.array(json.dumps(list(features)))}
+    for name, part in features.items():
+        arrays |= part.arrays(f"{name}/")
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def load_per_channel(path: str | os.PathLike) -> dict[str, SliceFeatures]:
+    """``{channel: features}`` of a features file (``{"image": ...}`` for one channel)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such FID features file; rerun the rule that makes it")
+    try:
+        with np.load(path) as npz:
+            if "channels" not in npz:
+                return {"image": SliceFeatures.from_npz(npz)}
+            return {name: SliceFeatures.from_npz(npz, f"{name}/") for name in json.loads(str(npz["channels"]))}
+    except (OSError, KeyError, ValueError) as err:
+        raise InputError(f"{path}: not a medldm FID features file ({err}); delete it and rerun") from None
 
 
 def slice_features(

@@ -454,7 +454,7 @@ def _inpainting_section(results: dict[str, dict], sets: dict, prepared, figures:
     row_of = {sid: i for i, sid in enumerate(prepared.subject_ids)}
     for name in results:
         with h5layout.open_volumes(sets[name]["volumes"]) as vol:
-            shown = [(vol.subject_ids[i], prepared.volume(row_of[src]), vol.mask[i], vol.image[i])
+            shown = [(vol.subject_ids[i], prepared.volume(row_of[src]), vol.mask[i], vol.channel(0)[i])
                      for i, src in enumerate((vol.source_ids or [])[:3]) if src in row_of]
         if shown:
             section.figure(plot_inpainting(figures / f"inpainting_{name}.png", shown),
@@ -533,15 +533,19 @@ def _data_section(prepared, sets: dict, classes: list[str], figures: Path, per_c
     section.html(table(list(counts.values()), [("class", "class"), ("train", "train"), ("val", "val"),
                                                ("test", "test")]))
     test = prepared.subset("test")
-    _montages_per_class(section, figures, "real_test", test.volumes(), test.class_index, classes,
-                        test.subject_ids, per_class, "Real test subjects")
+    for k, (stem, what) in enumerate(channel_labels(prepared.channel_names)):
+        _montages_per_class(section, figures, f"real_test{stem}", test.volumes(k), test.class_index, classes,
+                            test.subject_ids, per_class, f"Real test subjects{what}")
     for name, s in sets.items():
         with h5layout.open_volumes(s["volumes"]) as synth:
-            shown, what = synth.image, f"Synthetic, sample set {name}"
-            if shown is None:  # a label-map generator's set
-                shown, what = LabelDisplay(synth.label, len(synth.header.label_names)), f"{what} (label maps)"
-            _montages_per_class(section, figures, f"synthetic_{name}", shown, synth.class_index, classes,
-                                synth.subject_ids, per_class, what)
+            if synth.image is None:  # a label-map generator's set
+                _montages_per_class(section, figures, f"synthetic_{name}",
+                                    LabelDisplay(synth.label, len(synth.header.label_names)), synth.class_index,
+                                    classes, synth.subject_ids, per_class, f"Synthetic, sample set {name} (label maps)")
+                continue
+            for k, (stem, what) in enumerate(channel_labels(synth.channel_names)):
+                _montages_per_class(section, figures, f"synthetic_{name}{stem}", synth.channel(k), synth.class_index,
+                                    classes, synth.subject_ids, per_class, f"Synthetic, sample set {name}{what}")
     return section
 
 
@@ -578,6 +582,21 @@ def _label_maps_section(label_maps: dict[str, dict], label_recon: dict[str, dict
     return section
 
 
+def channel_labels(channels: list[str]) -> list[tuple[str, str]]:
+    """(file-name suffix, caption suffix) of each image channel; empty for a single channel."""
+    return [("", "")] if len(channels) == 1 else [(f"_{c}", f", channel {c}") for c in channels]
+
+
+def per_channel(results: dict[str, dict]) -> dict[str, dict]:
+    """Metrics JSONs keyed ``<name> [<channel>]`` per image channel where they have ``channels``
+    (multi-channel subjects), as they are otherwise."""
+    out = {}
+    for name, result in results.items():
+        for channel, part in result.get("channels", {None: {}}).items():
+            out[name if channel is None else f"{name} [{channel}]"] = {**result, **part}
+    return out
+
+
 def _reconstruction_montage(section: Section, figures: Path, name: str, path, test) -> None:
     """Real test subjects next to their reconstructions by autoencoder ``name`` (up to three)."""
     from medldm.data import h5layout
@@ -590,8 +609,10 @@ def _reconstruction_montage(section: Section, figures: Path, name: str, path, te
         pairs = [(i, row_of[sid]) for i, sid in enumerate(test.subject_ids) if sid in row_of][:3]
         if not pairs:
             return
-        volumes = [v for i, j in pairs for v in (test.volume(i), rec.image[j])]
-    titles = [t for i, _ in pairs for t in (test.subject_ids[i], f"{test.subject_ids[i]} recon")]
+        channels = list(enumerate(rec.channel_names if len(rec.channel_names) > 1 else [""]))
+        volumes = [v for i, j in pairs for k, _ in channels for v in (test.volume(i, k), rec.channel(k)[j])]
+    titles = [t for i, _ in pairs for _, c in channels
+              for t in (f"{test.subject_ids[i]} {c}".strip(), f"{test.subject_ids[i]} {c} recon".replace("  ", " "))]
     out = figures / f"reconstruction_{name}.png"
     save_montage(out, volumes, titles)
     section.figure(out, f"Autoencoder {name}: real test subjects and their reconstructions")
@@ -665,9 +686,9 @@ def build_report(inputs: dict, config: dict, figures: str | os.PathLike, montage
                 _data_section(prepared, sets, classes, figures, montage_volumes),
                 _training_section(inputs, prepared.subset("test"), figures)]
     if metrics:
-        sections.append(_fid_section(metrics, figures))
+        sections.append(_fid_section(per_channel(metrics), figures))
     if metrics or recon:
-        sections.append(_msssim_section(metrics, recon, figures))
+        sections.append(_msssim_section(per_channel(metrics), per_channel(recon), figures))
     if classifier:
         sections.append(_classifier_section(classifier, figures, {n: s.get("saliency") for n, s in sets.items()}))
     if inpainting:
