@@ -46,14 +46,14 @@ def synthetic_pairs(volumes: h5layout.H5File, labels: list[str]) -> tuple[Rows, 
         raise InputError(f"{where}: no dataset image (a label-map generator's set); the segmentation "
                          "evaluation needs images: leave this set out of it")
     if volumes.label is None:
-        return Rows(volumes.image), None
+        return Rows(volumes.channel(0)), None
     if volumes.header.label_names != labels:
         raise InputError(f"{where}: label maps of labels {volumes.header.label_names}, the config's `labels` "
                          f"are {labels}; regenerate the set with this config")
     maps = Rows(volumes.label)
     for i in range(len(maps)):
         seg.check_label_maps(maps[i], len(labels), f"{where}: dataset label, row {i}")
-    return Rows(volumes.image), maps
+    return Rows(volumes.channel(0)), maps
 
 
 def main(argv=None) -> int:
