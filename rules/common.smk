@@ -345,6 +345,11 @@ def check_label_autoencoders():
                 f"config: vae.{name}.inputs is labels (label maps alone) and vae.{name}.paired_labels is "
                 "true (image + labels): set paired_labels: false, or inputs: image"
             )
+        if entry["pretrained"]:
+            raise WorkflowError(
+                f"config: vae.{name}.inputs is labels but vae.{name}.pretrained imports an image "
+                "autoencoder: label-map autoencoders are trained here (set pretrained: null)"
+            )
         if not HAS_LABELS:
             raise WorkflowError(
                 f"config: vae.{name}.inputs is labels but the sample sheet has no label maps: fill its "

@@ -50,3 +50,9 @@ def test_label_autoencoder_without_label_maps_is_refused(tmp_path):
     config["vae"] = {"demo": {"inputs": "labels"}}
     message = dry_run_error(tmp_path, config)
     assert "vae.demo.inputs is labels but the sample sheet has no label maps" in message
+
+
+def test_imported_label_autoencoder_is_refused(tmp_path):
+    config = label_config()
+    config["vae"]["labels"]["pretrained"] = str(tmp_path / "weights.pt")
+    assert "vae.labels.inputs is labels but vae.labels.pretrained" in dry_run_error(tmp_path, config)
