@@ -43,16 +43,9 @@ def save_montage(path: str | Path, volumes: Sequence[np.ndarray], titles: Sequen
             if overlays is not None:
                 ax.imshow(mid_slice(np.asarray(overlays[row]), AXES.index(name)), cmap="jet", alpha=0.4,
                           vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(name, fontsize=9)
-            if col == 0:
-                ax.set_ylabel(title, fontsize=8)
+            _label_cell(ax, row, col, name, title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def save_contours(path: str | Path, volumes: Sequence[np.ndarray], label_maps: Sequence[np.ndarray],
@@ -78,16 +71,26 @@ def save_contours(path: str | Path, volumes: Sequence[np.ndarray], label_maps: S
                 if (labels == value).any():
                     ax.contour(labels == value, levels=[0.5], colors=[colours[(value - 1) % len(colours)]],
                                linewidths=0.8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(name, fontsize=9)
-            if col == 0:
-                ax.set_ylabel(title, fontsize=8)
+            _label_cell(ax, row, col, name, title)
     handles = [plt.Line2D([], [], color=colours[(v - 1) % len(colours)], label=label_names[v])
                for v in range(1, len(label_names))]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _save(plt, fig, path)
+
+
+def _label_cell(ax, row: int, col: int, axis_name: str, title: str) -> None:
+    """No ticks; the axis name over the first row, the volume's title left of the first column."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if row == 0:
+        ax.set_title(axis_name, fontsize=9)
+    if col == 0:
+        ax.set_ylabel(title, fontsize=8)
+
+
+def _save(plt, fig, path: str | Path) -> None:
+    """Write ``fig`` as a PNG, atomically, and free it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
