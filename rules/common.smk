@@ -202,6 +202,34 @@ def ldm_entry(name):
     return config["ldm"][name]
 
 
+def ldm_init_input(wildcards):
+    """The ldm.pt that an ldm's `init_from` names (its weights start the run), or none."""
+    base = ldm_entry(wildcards.ldm).get("init_from")
+    return [f"{RESULTS}/ldm/{base}/ldm.pt"] if base else []
+
+
+def ldm_init_arg(wildcards, input):
+    return f"--init {shlex.quote(input.init[0])}" if input.init else ""
+
+
+def check_ldm_init(name, entry):
+    """Refuse an `init_from` that names no ldm, another autoencoder's ldm, another backbone, or a cycle."""
+    seen, here = [name], entry
+    while here.get("init_from"):
+        base = here["init_from"]
+        key = f"config: ldm.{seen[-1]}.init_from"
+        if base not in config["ldm"]:
+            raise WorkflowError(f"{key} names {base!r}, which is not an ldm entry (known: {sorted(config['ldm'])})")
+        if base in seen:
+            raise WorkflowError(f"{key}: init_from goes round in a circle ({' -> '.join([*seen, base])})")
+        other = config["ldm"][base]
+        if other["vae"] != here["vae"] or other["model"] != here["model"]:
+            raise WorkflowError(f"{key} names ldm {base!r}, whose `vae` or `model` differs: init_from needs an "
+                                "ldm of the same autoencoder and backbone settings")
+        seen.append(base)
+        here = other
+
+
 def ldm_vae_dir(wildcards):
     """results/vae/<name> of the autoencoder an ldm entry learns from."""
     vae = ldm_entry(wildcards.ldm)["vae"]
@@ -212,7 +240,7 @@ def ldm_vae_dir(wildcards):
 
 # Sample-set keys that only inpaint sets read: left out of a generate set's settings, so that
 # they change (and rerun) nothing there; blend_voxels is decoding's alone.
-INPAINT_SET_KEYS = ("method", "split", "draws", "repaint")
+INPAINT_SET_KEYS = ("method", "split", "draws", "repaint", "keep_known")
 DECODE_ONLY_SET_KEYS = ("blend_voxels",)
 
 
@@ -374,6 +402,7 @@ def check_models():
                 f"out; remove it, or set ldm.{name}.train.allow_test_split: true to train on them anyway"
             )
         check_ldm_conditions(name, entry)
+        check_ldm_init(name, entry)
     for name, entry in config["sample_sets"].items():
         ldm = config["ldm"].get(entry["ldm"])
         if ldm is not None and entry["task"] == "generate":

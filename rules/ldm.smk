@@ -8,6 +8,7 @@ rule train_ldm:
     input:
         latents=lambda wc: f"{ldm_vae_dir(wc)}/latents.h5",
         vae=lambda wc: f"{ldm_vae_dir(wc)}/vae.pt",
+        init=ldm_init_input,
     output:
         f"{RESULTS}/ldm/{{ldm}}/ldm.pt",
     log:
@@ -22,9 +23,10 @@ rule train_ldm:
         cadence=runtime_only(lambda wc: trainer_cadence(ldm_entry(wc.ldm))),
         decoding=runtime_only(lambda wc: settings_json(config["vae"][ldm_entry(wc.ldm)["vae"]]["inference"])),
         run_dir=lambda wc: f"{RESULTS}/runs/ldm/{wc.ldm}",
+        init=ldm_init_arg,
         python=python_launcher,
     shell:
         "{params.python} -m workflow_scripts.train_ldm --settings {params.settings:q}"
         " --cadence {params.cadence:q}"
-        " --latents {input.latents:q} --vae {input.vae:q} --decoding {params.decoding:q} --run-dir {params.run_dir:q}"
+        " --latents {input.latents:q} --vae {input.vae:q} {params.init} --decoding {params.decoding:q} --run-dir {params.run_dir:q}"
         " --out {output:q} > {log} 2>&1"

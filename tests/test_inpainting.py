@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -275,3 +276,72 @@ def test_workflow_refuses_a_trained_inpaint_set_on_a_generation_model(tmp_path):
     proc = run_snakemake(tmp_path, "-n", config=config, check=False)
     assert proc.returncode != 0
     assert "sample_sets.fill inpaints with method trained, but ldm.demo has task 'generate'" in proc.stderr + proc.stdout
+
+
+# ---- fine-tuning from a generative model, the mask-weighted loss, the clamped known region ----
+
+def test_mask_weight_averages_the_error_over_the_weighted_voxels():
+    strategy = diffusion.build_strategy({"name": "rflow"})
+    x0, labels = torch.randn(2, *SHAPE), torch.tensor([0, 1])
+    zero = lambda x, t, class_labels: torch.zeros_like(x0)  # noqa: E731  error = the target itself
+    region = torch.zeros(2, 1, *SHAPE[1:])
+    region[:, :, :2] = 1
+
+    def loss(weight):
+        torch.manual_seed(0)
+        return diffusion.diffusion_loss(zero, strategy, x0, labels, weight=weight)
+
+    torch.manual_seed(0)
+    noise, t = torch.randn_like(x0), strategy.sample_timesteps(x0)
+    _, target = strategy.noisy_and_target(x0, noise, t)
+    inside = (target.pow(2) * region).flatten(1).sum(1) / (region.flatten(1).sum(1) * SHAPE[0])
+    torch.testing.assert_close(loss(region), inside.mean())
+    torch.testing.assert_close(loss(torch.ones_like(region)), loss(None))
+    assert not torch.isclose(loss(1 + 4 * region), loss(None))
+
+
+def test_init_from_starts_the_inpainting_model_as_the_generative_one(toy, tmp_path):
+    vae, latents = toy
+    base = train(toy, tmp_path, "base", train={"steps": 8})
+    trainer = Trainer(ldm_settings(task="inpaint", train={"steps": 4}), latents, vae, tmp_path / "r",
+                      tmp_path / "r.pt", CPU, progress=False, init_path=base)
+    plain = diffusion.load_ldm(base).model
+    x, t, y = torch.randn(2, *SHAPE), torch.tensor([10, 900]), torch.tensor([0, 2])
+    cond = torch.randn(2, SHAPE[0] + 1, *SHAPE[1:])  # any condition: its weights start at zero
+    with torch.no_grad():
+        for model in (trainer.model, trainer.ema.module):
+            torch.testing.assert_close(model(diffusion.with_condition(x, cond), t, class_labels=y),
+                                       plain(x, t, class_labels=y))
+    before = sha256_file(base)
+    trainer.run()
+    saved = torch.load(tmp_path / "r.pt", weights_only=False)
+    assert saved["provenance"]["inputs_sha256"]["init_from"] == before == sha256_file(base)
+    wider = ldm_settings(task="inpaint", model={"channels": [16, 32], "num_res_blocks": 2})
+    with pytest.raises(InputError, match=r"init_from .*base\.pt: its `model`.*differs"):
+        Trainer(wider, latents, vae, tmp_path / "w", tmp_path / "w.pt", CPU, init_path=base)
+
+
+def test_keep_known_clamps_the_trained_model_to_the_real_latent(toy, tmp_path):
+    vae, real = toy
+    ldm = train(toy, tmp_path, task="inpaint", train={"steps": 8})
+    out = run_sample(tmp_path, ldm, vae, real, method="trained", keep_known=True)
+    with open_latents(real) as r, open_latents(out) as f:
+        rows = list(r.indices("test"))
+        known = 1 - inpainting.latent_mask(f.mask[:], SHAPE[1:]).numpy()
+        np.testing.assert_allclose(f.mu[:] * known, r.mu[rows] * known, rtol=0, atol=1e-6)
+        assert not np.allclose(f.mu[:] * (1 - known), r.mu[rows] * (1 - known), atol=0.1)
+
+
+@pytest.mark.parametrize("init_from, message", [
+    ("nope", "ldm.fill.init_from names 'nope', which is not an ldm entry"),
+    ("fill", r"init_from goes round in a circle \(fill -> fill\)"),
+    ("wide", "names ldm 'wide', whose `vae` or `model` differs"),
+])
+def test_workflow_refuses_a_bad_init_from(tmp_path, init_from, message):
+    config = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    demo = config["ldm"]["demo"]
+    config["ldm"]["wide"] = {**demo, "model": {**demo.get("model", {}), "channels": [8, 16]}}
+    config["ldm"]["fill"] = {**demo, "task": "inpaint", "init_from": init_from}
+    proc = run_snakemake(tmp_path, "-n", config=config, check=False)
+    assert proc.returncode != 0
+    assert re.search(message, proc.stderr + proc.stdout), (proc.stderr + proc.stdout)[-2000:]

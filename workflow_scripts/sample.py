@@ -193,7 +193,8 @@ def write_inpaint_set(ldm, settings, real, header, out, run, where):
         raise InputError(f"{where} has task inpaint: give the autoencoder's latents.h5 with --real")
     done = inpainting.inpaint_set(ldm, real, method=require(settings, "method", where),
                                   split=require(settings, "split", where), draws=require(settings, "draws", where),
-                                  repaint_settings=settings.get("repaint"), **run)
+                                  repaint_settings=settings.get("repaint"),
+                                  keep_known=settings.get("keep_known", False), **run)
     with h5layout.open_latents(real) as f, h5layout.create_latents(
             out, len(done.latents), ldm.latent_shape, header, with_logvar=False, mask_shape=f.mask.shape[1:],
             with_source=True) as writer:

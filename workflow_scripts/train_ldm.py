@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vae", type=Path, help="the vae.pt that wrote the latents (its sha256 is checked; "
                         "it decodes the live samples of train.sample_every)")
     parser.add_argument("--decoding", help="the vae's inference section (JSON or YAML file), for the live samples")
+    parser.add_argument("--init", type=Path, help="ldm.pt whose weights start this run (the config's init_from)")
     parser.add_argument("--run-dir", required=True, type=Path, help="checkpoints and metrics")
     parser.add_argument("--out", required=True, type=Path, help="ldm.pt to write")
     parser.add_argument("--device", default=os.environ.get("MEDLDM_DEVICE", "auto"),
@@ -41,7 +42,8 @@ def main(argv=None) -> int:
     with StopFlag() as stop:
         settings = with_cadence(load_settings(args.settings), args.cadence)
         decoding = load_settings(args.decoding) if args.decoding else None
-        trainer = Trainer(settings, args.latents, args.vae, args.run_dir, args.out, device, stop, decoding=decoding)
+        trainer = Trainer(settings, args.latents, args.vae, args.run_dir, args.out, device, stop, decoding=decoding,
+                          init_path=args.init)
         code = trainer.run()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -146,13 +146,15 @@ def renoise(strategy: Strategy, x: torch.Tensor, t_from: int | None, t_to: int, 
 def repaint(model: nn.Module, strategy: Strategy, noise: torch.Tensor, labels: torch.Tensor, *,
             sampler: str, steps: int, guidance_scale: float, null_class: int, real: torch.Tensor,
             known: torch.Tensor, jump_length: int = 1, jump_n_sample: int = 1,
-            generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+            generator: torch.Generator | None = None, progress: bool = False,
+            cond: torch.Tensor | None = None) -> torch.Tensor:
     """RePaint in latent space with any ldm (``medldm.diffusion.process.sample``'s signature, plus):
 
     Args:
         real: (B, C, d, h, w) scaled real latents; known: (B, 1, d, h, w) 1 where the latent is kept
             (outside the latent-grid mask).
         jump_length, jump_n_sample: the resampling schedule (``repaint_schedule``).
+        cond: a trained inpainting model's condition (``conditioning``), or None.
         generator: the re-noising draws (and the ddpm sampler's step noise), on noise's device.
     Returns:
         (B, C, d, h, w) scaled latents: ``real`` where known, the model's clean prediction elsewhere.
@@ -177,7 +179,7 @@ def repaint(model: nn.Module, strategy: Strategy, noise: torch.Tensor, labels: t
             x = renoise(strategy, x, levels[here], levels[there], draw())
             continue
         tt = torch.full((x.shape[0],), levels[here], device=x.device, dtype=torch.long)
-        out = guided_prediction(model, x, tt, labels, guidance_scale, null_class)
+        out = guided_prediction(model, x, tt, labels, guidance_scale, null_class, cond)
         x, x0 = plan.step(out, here, x)
         if there < steps:
             x = keep_known(x, there)
@@ -201,7 +203,8 @@ class InpaintedSet:
 
 def inpaint_set(ldm: LDM, real_path: str | os.PathLike, *, method: str, split: str, draws: int, sampler: str,
                 steps: int, guidance_scale: float, seed: int, batch_size: int, device: torch.device,
-                repaint_settings: dict | None = None, progress: bool = True) -> InpaintedSet:
+                repaint_settings: dict | None = None, keep_known: bool = False,
+                progress: bool = True) -> InpaintedSet:
     """Inpaint ``draws`` latents per masked row of ``split`` in the real latents file ``real_path``.
 
     ``method``: ``trained`` (an ldm trained with task inpaint) or ``repaint`` (any ldm; settings
@@ -225,6 +228,9 @@ def inpaint_set(ldm: LDM, real_path: str | os.PathLike, *, method: str, split: s
     sf = ldm.scale_factor
     if method == "trained":
         inputs, reverse = {"cond": conditioning(voided * sf, mask)[each]}, sample
+        if keep_known:  # the known latent clamped at every step, as RePaint without jumps
+            inputs |= {"real": (real * sf)[each], "known": (1 - mask)[each]}
+            reverse = repaint
     else:
         inputs = {"real": (real * sf)[each], "known": (1 - mask)[each]}
         reverse = partial(repaint, **(repaint_settings or {}))

@@ -145,7 +145,8 @@ def with_condition(x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
 
 
 def diffusion_loss(model: nn.Module, strategy: Strategy, x0: torch.Tensor, labels: torch.Tensor,
-                   min_snr_gamma: float | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+                   min_snr_gamma: float | None = None, cond: torch.Tensor | None = None,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of the network's prediction at random timesteps.
 
     Args:
@@ -154,6 +155,8 @@ def diffusion_loss(model: nn.Module, strategy: Strategy, x0: torch.Tensor, label
         min_snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023): each sample's loss is weighted by
             min(SNR, gamma) times how its output error reaches x0, i.e. as an x0 loss clipped at
             gamma. None: unweighted.
+        weight: (B, 1, D, H, W) non-negative voxel weights (an inpainting model's mask region
+            weighted up), normalised per sample so the loss keeps its scale; None: uniform.
     Returns:
         scalar loss (float32).
     """
@@ -161,7 +164,12 @@ def diffusion_loss(model: nn.Module, strategy: Strategy, x0: torch.Tensor, label
     t = strategy.sample_timesteps(x0)
     x_t, target = strategy.noisy_and_target(x0, noise, t)
     pred = model(with_condition(x_t, cond), t, class_labels=labels)
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    error = (pred.float() - target.float()).pow(2)
+    if weight is None:
+        per_sample = error.flatten(1).mean(1)
+    else:
+        weight = weight.float().expand_as(error)
+        per_sample = (error * weight).flatten(1).mean(1) / weight.flatten(1).mean(1).clamp_min(1e-8)
     if min_snr_gamma is not None:
         snr, gain = strategy.snr_and_x0_gain(t)
         per_sample = per_sample * torch.clamp(snr, max=min_snr_gamma) * gain

@@ -158,13 +158,14 @@ class Trainer:
 
     def __init__(self, settings: dict, latents_path, vae_path, run_dir, out_path,
                  device: torch.device, stop: StopFlag | None = None, progress: bool = True,
-                 decoding: dict | None = None):
+                 decoding: dict | None = None, init_path=None):
         self.settings, self.device, self.stop, self.progress = settings, device, stop, progress
         self.decoding = decoding or {"batch_size": 1}
         self.cfg = settings["train"]
         self.run_dir, self.out_path = Path(run_dir), Path(out_path)
         self.rank, self.world = init_distributed()
         self.latents_path, self.vae_path = Path(latents_path), vae_path
+        self.init_path = init_path
         self._load_data()
         self._build()
 
@@ -257,6 +258,11 @@ class Trainer:
         if self.world > 1:
             torch.distributed.barrier()
         self.start = self._resume()
+        self.init_sha256 = None
+        if self.init_path is not None:
+            self.init_sha256 = sha256_file(self.init_path)
+            if self.start == 0:
+                self._init_from_ldm()
         self.net = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -266,6 +272,29 @@ class Trainer:
                 self.net = torch.compile(self.net)
             else:
                 log.info("torch.compile skipped on CPU (about 1.03x there, after minutes of compiling)")
+
+    def _init_from_ldm(self) -> None:
+        """Start from the EMA weights of another ldm of the same autoencoder and backbone (an
+        inpainting model from a generative one): input-channel rows it lacks start at zero, so the
+        new model first behaves as the old one and learns to use its condition."""
+        base = diffusion.load_ldm(self.init_path)
+        where = f"init_from {self.init_path}"
+        if base.latents_sha256 != self.latents_sha256 or list(base.class_names) != list(self.header.class_names):
+            raise InputError(f"{where}: that ldm was trained on other latents (or classes); init_from must name "
+                             "an ldm of the same `vae`")
+        if base.settings["model"] != self.settings["model"]:
+            raise InputError(f"{where}: its `model` {base.settings['model']} differs from this ldm's "
+                             f"{self.settings['model']}; give both the same model settings")
+        state = self.model.state_dict()
+        for key, old in base.model.state_dict().items():
+            new = state[key]
+            if new.shape == old.shape:
+                new.copy_(old)
+            else:  # the first layer: more input channels (the condition), which start at zero
+                new.zero_()
+                new[:, :old.shape[1]].copy_(old)
+        self.ema = EMA(self.model, self.cfg["ema_decay"])
+        log.info("initialised from %s (%s)", self.init_path, base.settings.get("task", "generate"))
 
     def _schedule(self, horizon: int) -> None:
         """Warm-up and cosine decay over ``horizon`` steps, fixed when the run starts: raising
@@ -305,10 +334,19 @@ class Trainer:
             cond = spatial.drop_maps(cond, self.cfg.get("condition_dropout", 0.0))
         return x0 * self.header.scale_factor, labels, cond
 
+    def _mask_weight(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """An inpainting model's loss weights: ``train.mask_weight`` inside the latent-grid mask (the
+        condition's last channel), 1 outside; None (uniform) otherwise."""
+        weight = self.cfg.get("mask_weight", 1.0)
+        if self.task != "inpaint" or weight == 1.0:
+            return None
+        return 1.0 + (weight - 1.0) * cond[:, -1:]
+
     def _train_step(self) -> torch.Tensor:
         x0, labels, cond = self._batch()
         with autocast(self.device, self.cfg["bf16"]):
-            loss = diffusion.diffusion_loss(self.net, self.strategy, x0, labels, self.min_snr_gamma, cond)
+            loss = diffusion.diffusion_loss(self.net, self.strategy, x0, labels, self.min_snr_gamma, cond,
+                                            self._mask_weight(cond))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg["grad_clip"]:
@@ -332,7 +370,8 @@ class Trainer:
             x0, y = x_all[i:i + bs], y_all[i:i + bs]
             c = None if c_all is None else c_all[i:i + bs]
             with autocast(self.device, self.cfg["bf16"]):
-                total += float(diffusion.diffusion_loss(model, self.strategy, x0, y, self.min_snr_gamma, c)) * len(x0)
+                total += float(diffusion.diffusion_loss(model, self.strategy, x0, y, self.min_snr_gamma, c,
+                                                        self._mask_weight(c))) * len(x0)
         return total / len(x_all)
 
     def _validating(self, step: int) -> bool:
@@ -454,7 +493,8 @@ class Trainer:
             grid_shape=h.grid_shape, vae_sha256=self.vae_sha256, latents_sha256=self.latents_sha256,
             step=selection["step"], task=self.task, conditioning=self.conditioning, provenance={
                 "config_hash": config_hash(self.settings), "code_version": code_version(),
-                "inputs_sha256": {"latents": self.latents_sha256, "vae": self.vae_sha256},
+                "inputs_sha256": {"latents": self.latents_sha256, "vae": self.vae_sha256,
+                                  **({"init_from": self.init_sha256} if self.init_sha256 else {})},
             },
         )
         log.info("wrote %s: %s", self.out_path, best.describe() if best.weights else f"step {step}")
