@@ -100,6 +100,8 @@ def main() -> int:
         runs = {
             "unconditional": partial(diffusion.sample, plain, strategy, noise, label, **common),
             "inpaint_trained": partial(diffusion.sample, trained, strategy, noise, label, cond=cond, **common),
+            "inpaint_keep_known": partial(inpainting.repaint, trained, strategy, noise, label, real=real,
+                                          known=1 - mask, cond=cond, **common),  # the set's keep_known
             "repaint": partial(inpainting.repaint, plain, strategy, noise, label, real=real, known=1 - mask,
                                jump_length=args.jump_length, jump_n_sample=args.jump_n_sample, **common),
         }
@@ -107,11 +109,12 @@ def main() -> int:
         for _ in range(args.repeats):
             for name, run in runs.items():
                 best[name] = min(best[name], seconds(run))
-        best["inpaint_ratio"] = best["inpaint_trained"] / best["unconditional"]
+        best["inpaint_ratio"] = max(best["inpaint_trained"], best["inpaint_keep_known"]) / best["unconditional"]
         best["repaint_ratio"] = best["repaint"] / best["unconditional"]
         result[label_] = best
         print(f"  {label_}: unconditional {best['unconditional']:.3f} s, trained inpainting "
-              f"{best['inpaint_trained']:.3f} s ({best['inpaint_ratio']:.2f}x, target <= 1.5), RePaint "
+              f"{best['inpaint_trained']:.3f} s, with keep_known {best['inpaint_keep_known']:.3f} s (slower of the "
+              f"two {best['inpaint_ratio']:.2f}x, target <= 1.5), RePaint "
               f"{best['repaint']:.3f} s ({best['repaint_ratio']:.2f}x)", flush=True)
     result["targets_met"] = all(result[k]["inpaint_ratio"] <= 1.5 for k in SAMPLERS)
     if args.out:
