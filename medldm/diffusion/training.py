@@ -246,7 +246,8 @@ class Trainer:
         elif self.cond is not None:
             self.conditioning = inpainting.conditioning_record(self.latent_shape[0])
         self.model = build_diffusion_model(self.settings["model"], self.latent_shape[0], self.num_classes,
-                                           cond_channels=self.conditioning["channels"] if self.conditioning else 0)
+                                           cond_channels=self.conditioning["channels"] if self.conditioning else 0,
+                                           spatial_dims=len(self.latent_shape) - 1)
         self.model.to(self.device)
         self.ema = EMA(self.model, cfg["ema_decay"])
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"],
