@@ -325,9 +325,10 @@ class Trainer:
         torch.manual_seed(self.cfg["seed"])
         model = self.ema.module
         bs, n = self.cfg["batch_size"], len(self.val_mu)
-        x_all = self.val_mu.repeat(math.ceil(_VAL_SAMPLES / n), 1, 1, 1, 1) * self.header.scale_factor
-        y_all = self.val_labels.repeat(math.ceil(_VAL_SAMPLES / n))
-        c_all = None if self.val_cond is None else self.val_cond.repeat(math.ceil(_VAL_SAMPLES / n), 1, 1, 1, 1)
+        copies = math.ceil(_VAL_SAMPLES / n)
+        x_all = torch.cat([self.val_mu] * copies) * self.header.scale_factor
+        y_all = self.val_labels.repeat(copies)
+        c_all = None if self.val_cond is None else torch.cat([self.val_cond] * copies)
         total = 0.0
         for i in range(0, len(x_all), bs):
             x0, y = x_all[i:i + bs], y_all[i:i + bs]
