@@ -214,3 +214,13 @@ def test_tiny_2d_chain_end_to_end(tmp_path, test_config):
     metrics = json.loads((results / "eval" / "synthetic" / "demo" / "demo" / "image_metrics.json").read_text())
     assert {r["axis"] for r in metrics["fid"]["rows"]} == {"image", "mean"}
     assert (results / "report" / "index.html").is_file()
+
+
+def test_2d_input_file_says_how_to_get_2d(tmp_path):
+    """A 2D NIfTI given as input names the file and the way to 2D data (slices of the volumes)."""
+    from medldm.data.prepare import prepare_subject
+    from medldm.errors import InputError
+
+    save_nifti(tmp_path / "flat.nii.gz", np.ones((16, 16), np.float32), np.eye(4))
+    with pytest.raises(InputError, match=r"flat.nii.gz: image must be a 3D volume.*prepare.slices"):
+        prepare_subject(tmp_path / "flat.nii.gz", "", **{k: v for k, v in SETTINGS.items() if k != "slices"})

@@ -101,7 +101,9 @@ def load_nifti_3d(path: str | Path, what: str = "image") -> nib.Nifti1Image:
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise InputError(f"{path}: {what} must be a 3D volume, found shape {data.shape} ({data.ndim}D)")
+        hint = (": 2D images are not read directly; give the 3D volumes and set spatial_dims: 2 with "
+                "prepare.slices to draw 2D slices from them") if data.ndim == 2 else ""
+        raise InputError(f"{path}: {what} must be a 3D volume, found shape {data.shape} ({data.ndim}D){hint}")
     if not np.all(np.isfinite(data)):
         raise InputError(f"{path}: {what} contains NaN or infinite values")
     return nib.Nifti1Image(data, img.affine)
