@@ -60,3 +60,13 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, de
     img.set_sform(img.affine, code=1)
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write a 2D image in [0, 1] as an 8-bit grayscale PNG, atomically, oriented as the montages
+    show it (RAS arrays: the first axis left to right, the second bottom to top)."""
+    from PIL import Image
+
+    pixels = np.round(np.clip(np.rot90(np.asarray(image, np.float32)), 0, 1) * 255).astype(np.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")

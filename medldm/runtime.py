@@ -85,10 +85,12 @@ def autocast(device: torch.device, enabled: bool = True):
     return contextlib.nullcontext()
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    """Layout for 3D conv networks: channels-last on CPU (a VAE training step ~1.6x faster on our
+def memory_format(device: torch.device, spatial_dims: int = 3) -> torch.memory_format:
+    """Layout for conv networks: channels-last on CPU (a 3D VAE training step ~1.6x faster on our
     2 cores); the default elsewhere (not measured on CUDA)."""
-    return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
+    if device.type != "cpu":
+        return torch.contiguous_format
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
 
 
 def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:

@@ -59,6 +59,29 @@ if SPLIT_FILE and os.path.abspath(SPLIT_FILE) == os.path.abspath(f"{PREPARED}/sp
         "copy it (e.g. to config/splits.tsv) and set split.file to the copy"
     )
 
+SPATIAL_DIMS = config["spatial_dims"]
+SLICES = config["prepare"].get("slices")
+
+
+def check_spatial_dims():
+    """2D (spatial_dims 2) images are slices of the 3D inputs (prepare.slices); every autoencoder
+    follows spatial_dims; DiT3D is 3D only."""
+    if SPATIAL_DIMS == 2 and not SLICES:
+        raise WorkflowError("config: spatial_dims is 2 but prepare.slices is not set: set prepare.slices: "
+                            "{axis: axial, n: <slices per subject>} to draw 2D slices from the 3D inputs")
+    if SPATIAL_DIMS == 3 and SLICES:
+        raise WorkflowError("config: prepare.slices is set but spatial_dims is 3: set spatial_dims: 2 for "
+                            "2D slices, or remove prepare.slices")
+    for entry in config["vae"].values():
+        entry.setdefault("model", {})["spatial_dims"] = SPATIAL_DIMS
+    for name, entry in config["ldm"].items():
+        if SPATIAL_DIMS == 2 and entry.get("model", {}).get("name") == "dit3d":
+            raise WorkflowError(f"config: ldm.{name}.model.name is dit3d, which is 3D only, but spatial_dims "
+                                "is 2: use model name unet")
+
+
+check_spatial_dims()
+
 
 def settings_json(section):
     """A config section as the JSON text a script's --settings takes."""
@@ -156,15 +179,19 @@ def prepare_inputs(wildcards):
     }
 
 
+def prepared_files(kind):
+    """A subject's prepared `image`, `label` or `mask` file, or one per 2D slice (prepare.slices)."""
+    if not SLICES:
+        return f"{PREPARED}/{{subject}}/{kind}.nii.gz"
+    return [f"{PREPARED}/{{subject}}/{kind}-s{k}.nii.gz" for k in range(SLICES["n"])]
+
+
 def prepare_outputs():
-    outputs = {
-        "image": f"{PREPARED}/{{subject}}/image.nii.gz",
-        "info": f"{PREPARED}/{{subject}}/info.json",
-    }
+    outputs = {"image": prepared_files("image"), "info": f"{PREPARED}/{{subject}}/info.json"}
     if HAS_LABELS:
-        outputs["label"] = f"{PREPARED}/{{subject}}/label.nii.gz"
+        outputs["label"] = prepared_files("label")
     if HAS_MASKS:
-        outputs["mask"] = f"{PREPARED}/{{subject}}/mask.nii.gz"
+        outputs["mask"] = prepared_files("mask")
     return outputs
 
 
@@ -177,10 +204,15 @@ def label_args(wildcards, input, output):
         args += f"--channel-names {','.join(IMAGE_CHANNELS)} "
     if HAS_LABELS:
         values = ",".join(str(v) for v in LABEL_VALUES)
-        args += f"--label {shlex.quote(input.label)} --out-label {shlex.quote(output.label)} --label-values {values}"
+        args += f"--label {shlex.quote(input.label)} --out-label {quoted(output.label)} --label-values {values}"
     if HAS_MASKS:
-        args += f" --mask {shlex.quote(input.mask)} --out-mask {shlex.quote(output.mask)}"
+        args += f" --mask {shlex.quote(input.mask)} --out-mask {quoted(output.mask)}"
     return args
+
+
+def quoted(paths):
+    """A path, or a list of them (one per 2D slice), quoted for the shell."""
+    return " ".join(shlex.quote(p) for p in ([paths] if isinstance(paths, str) else paths))
 
 
 # Autoencoders (rules/vae.smk)

@@ -4,7 +4,8 @@
 Writes volumes.h5 (a volumes file: all images, and label maps in paired-label mode; label maps
 alone for a label-map autoencoder, ``inputs: labels``) and one NIfTI per volume,
 <nifti-dir>/<id>/image.nii.gz (+ label.nii.gz, uint8), each with its row's affine (multi-channel
-subjects: one NIfTI per channel, <nifti-dir>/<id>/<channel>.nii.gz): a real subject's
+subjects: one NIfTI per channel, <nifti-dir>/<id>/<channel>.nii.gz; 2D images also as 8-bit
+<id>/<channel>.png, see ``medldm.io.save_png``): a real subject's
 reconstruction sits where that subject's prepared image sits; a generated volume (no source
 subject) uses the prepared grid's reference affine (the first subject's). Label maps name their
 labels in <nifti-dir>/labels.json ({"0": "background", ...}) and in each label.nii.gz header's
@@ -36,7 +37,7 @@ from medldm.data import h5layout
 from medldm.data.cohort import load_prepared
 from medldm.data.masks import paste_back
 from medldm.errors import InputError, run_cli
-from medldm.io import save_nifti, write_json
+from medldm.io import save_nifti, save_png, write_json
 from medldm.provenance import check_autoencoder
 from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings
@@ -147,6 +148,8 @@ def main(argv=None) -> int:
                     if image is not None:
                         for name, volume in zip(channels, image[None] if len(channels) == 1 else image, strict=True):
                             save_nifti(args.nifti_dir / sid / f"{name}.nii.gz", volume, affine)
+                            if volume.ndim == 2:  # 2D images also as PNG
+                                save_png(args.nifti_dir / sid / f"{name}.png", volume)
                     if label is not None:
                         save_nifti(args.nifti_dir / sid / "label.nii.gz", label, affine, descrip)
                     writer.append(sid, int(latents.class_index[i]), latents.splits[i], affine=affine,

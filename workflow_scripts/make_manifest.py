@@ -24,6 +24,8 @@ from medldm.settings import load_settings, name_list
 
 
 def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list[str], where="sample sheet"):
+    """(manifest: one row per prepared image, each 2D slice its own row; splits: one row per
+    subject of the sheet, its group and split)."""
     channels = json.loads(infos[0].read_text()).get("channels") if infos else None  # image_channels, as prepared
     sheet = check_samples(sheet, classes, where, check_files=False, channels=channels)
     sheet["split"] = resolve_splits(sheet, split_settings, where)
@@ -32,17 +34,25 @@ def build_manifest(sheet, infos: list[Path], split_settings: dict, classes: list
     for _, row in sheet.iterrows():
         folder = folders[row["subject_id"]]
         info = json.loads((folder / "info.json").read_text())
-        rows.append({
-            "subject_id": row["subject_id"], "group": row["group"], "class": row["class"], "split": row["split"],
-            "image": str(folder / "image.nii.gz"),
-            "label": str(folder / "label.nii.gz") if row["label"] else "",
-            "shape": "x".join(str(s) for s in info["shape"]),
-            "spacing": "x".join(f"{s:g}" for s in info["spacing"]),
-            "p_low": f"{info['p_low']:.6g}", "p_high": f"{info['p_high']:.6g}",
-            "mask": str(folder / "mask.nii.gz") if row["mask"] else "",
-            "channels": ",".join(info.get("channels", [])),  # image.nii.gz is then (X, Y, Z, C)
-        })
-    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        common = {"group": row["group"], "class": row["class"], "split": row["split"],
+                  "shape": "x".join(str(s) for s in info["shape"]),
+                  "spacing": "x".join(f"{s:g}" for s in info["spacing"]),
+                  "p_low": f"{info['p_low']:.6g}", "p_high": f"{info['p_high']:.6g}",
+                  "channels": ",".join(info.get("channels", []))}  # image.nii.gz is then (X, Y, Z, C)
+        for suffix in slice_suffixes(info):  # 2D slices: one row each, in the subject's group and split
+            rows.append({
+                "subject_id": row["subject_id"] + suffix, **common,
+                "image": str(folder / f"image{suffix}.nii.gz"),
+                "label": str(folder / f"label{suffix}.nii.gz") if row["label"] else "",
+                "mask": str(folder / f"mask{suffix}.nii.gz") if row["mask"] else "",
+            })
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS), sheet[SPLITS_COLUMNS]
+
+
+def slice_suffixes(info: dict) -> list[str]:
+    """File and id suffixes of a prepared subject's rows: ``-s<k>`` per 2D slice, or one ''."""
+    slices = info.get("slices")
+    return [f"-s{k}" for k in range(len(slices["index"]))] if slices else [""]
 
 
 def write_montage(manifest, path: Path, per_class: int = 3) -> None:
@@ -72,11 +82,11 @@ def main(argv=None) -> int:
     parser.add_argument("--montage", default="", help="PNG montage of mid-slices per class (optional)")
     args = parser.parse_args(argv)
     classes = args.classes
-    manifest = build_manifest(read_table(args.samples, "sample sheet"), args.infos,
+    manifest, splits = build_manifest(read_table(args.samples, "sample sheet"), args.infos,
                               load_settings(args.split_settings), classes, f"sample sheet {args.samples}")
-    if args.splits:
+    if args.splits:  # per subject (not per slice), so that split.file can pin it
         with atomic_path(args.splits) as tmp:
-            manifest[SPLITS_COLUMNS].to_csv(tmp, sep="\t", index=False)
+            splits.to_csv(tmp, sep="\t", index=False)
     with atomic_path(args.out) as tmp:
         manifest.to_csv(tmp, sep="\t", index=False)
     if args.montage:

@@ -99,7 +99,11 @@ class VAETrainer:
         seed_everything(self.train_cfg["seed"] + self.rank)
 
         spatial_dims = settings["model"]["spatial_dims"]
-        self.layout = memory_format(device)
+        if len(train.shape) != spatial_dims:
+            raise InputError(f"the prepared images are {len(train.shape)}D (grid {list(train.shape)}) but the "
+                             f"autoencoder is {spatial_dims}D (config spatial_dims): set spatial_dims to "
+                             f"{len(train.shape)}, or re-run the prepare stage")
+        self.layout = memory_format(device, spatial_dims)
         self.image_channels = len(train.channel_names)
         self.net = ae.build_autoencoder(settings["model"], ae.io_channels(
             self.paired, n_labels, only_labels=self.only_labels, image_channels=self.image_channels))

@@ -45,7 +45,7 @@ class NiftiVolumes:
     def __getitem__(self, i):
         if isinstance(i, (int, np.integer)):
             volume = torch.from_numpy(np.asarray(nib.load(self.paths[i]).dataobj, dtype=self.dtype))
-            if volume.ndim == 4:
+            if volume.ndim == len(self.grid) + 1:  # channels last in the file
                 return volume.movedim(-1, 0)
             return volume[None] if self.channel else volume
         return NiftiVolumes([self.paths[j] for j in np.asarray(i, dtype=np.int64).tolist()], self.dtype,
@@ -244,9 +244,9 @@ def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bo
         img = _header(row["image"], manifest_path)
         if affine is None:
             affine, shape = img.affine, img.shape
-            if len(channel_names) > 1 and shape[3:] != (len(channel_names),):
+            if len(channel_names) > 1 and shape[-1:] != (len(channel_names),):
                 raise InputError(f"{row['image']}: shape {shape} does not hold the manifest's channels "
-                                 f"{channel_names} as a 4th axis; re-run the prepare stage")
+                                 f"{channel_names} as a last axis; re-run the prepare stage")
         elif img.shape != shape:
             raise InputError(
                 f"{row['image']}: shape {img.shape} differs from {shape} of the other subjects; "
@@ -265,14 +265,15 @@ def load_prepared(manifest_path: str | Path, classes: list[str], with_labels: bo
     if moved:
         log.info("%d of %d subjects have their own origin (kept per subject); generated volumes use the first "
                  "subject's affine", moved, len(table))
+    grid = shape if len(channel_names) == 1 else shape[:-1]  # (X, Y, Z), or (X, Y) for 2D images
     return PreparedSet(
         subject_ids=table["subject_id"].tolist(),
         class_index=class_indices(table["class"].tolist(), classes, f"manifest {manifest_path}"),
         splits=table["split"].tolist(),
-        images=NiftiVolumes(table["image"].tolist(), np.float32, shape[:3], channels=len(channel_names)),
-        labels=NiftiVolumes(table["label"].tolist(), np.uint8, shape[:3], channel=False) if with_labels else None,
+        images=NiftiVolumes(table["image"].tolist(), np.float32, grid, channels=len(channel_names)),
+        labels=NiftiVolumes(table["label"].tolist(), np.uint8, grid, channel=False) if with_labels else None,
         affines=np.stack(affines).astype(np.float64),
-        masks=NiftiVolumes(table["mask"].tolist(), np.uint8, shape[:3], channel=False) if with_masks else None,
+        masks=NiftiVolumes(table["mask"].tolist(), np.uint8, grid, channel=False) if with_masks else None,
         channel_names=channel_names,
     )
 

@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from medldm.data.masks import check_mask_input, check_prepared_mask
 from medldm.errors import InputError
+from medldm.report.montage import AXES
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,9 @@ def load_nifti_3d(path: str | Path, what: str = "image") -> nib.Nifti1Image:
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise InputError(f"{path}: {what} must be a 3D volume, found shape {data.shape} ({data.ndim}D)")
+        hint = (": 2D images are not read directly; give the 3D volumes and set spatial_dims: 2 with "
+                "prepare.slices to draw 2D slices from them") if data.ndim == 2 else ""
+        raise InputError(f"{path}: {what} must be a 3D volume, found shape {data.shape} ({data.ndim}D){hint}")
     if not np.all(np.isfinite(data)):
         raise InputError(f"{path}: {what} contains NaN or infinite values")
     return nib.Nifti1Image(data, img.affine)
@@ -235,6 +238,36 @@ def prepare_subject(image_path, label_path, *, spacing, shape, percentiles, fore
         prepared.channels = [image, *(channel for channel, _ in others)]
         prepared.channel_range = [(lo, hi), *(bounds for _, bounds in others)]
     return prepared
+
+
+SLICE_AXES = {name: dim for dim, name in enumerate(AXES)}  # RAS voxel axes of the prepared grid
+
+
+def slice_positions(image: np.ndarray, axis: str, n: int, central_fraction: float) -> np.ndarray:
+    """``n`` evenly spaced indices along ``axis`` (a SLICE_AXES name) within the central
+    ``central_fraction`` of the extent of the image's non-zero voxels (the head or body)."""
+    dim = SLICE_AXES[axis]
+    occupied = np.flatnonzero((image > 0).any(axis=tuple(a for a in range(image.ndim) if a != dim)))
+    if not occupied.size:
+        raise InputError(f"prepared image is empty: no {axis} slice to draw")
+    extent = occupied[-1] - occupied[0] + 1
+    count = max(1, round(extent * central_fraction))
+    start = occupied[0] + (extent - count) // 2
+    if n > count:
+        log.warning("prepare.slices.n %d exceeds the %d %s slices in the central fraction %g: slices repeat",
+                    n, count, axis, central_fraction)
+    return np.round(np.linspace(start, start + count - 1, n)).astype(int)
+
+
+def take_slice(data: np.ndarray, affine: np.ndarray, axis: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 2D slice ``index`` along ``axis`` of a prepared ``(X, Y, Z[, C])`` array and its true
+    affine: the slice's two voxel axes first, the cut axis third (at the slice's position)."""
+    dim = SLICE_AXES[axis]
+    kept = [a for a in range(3) if a != dim]
+    out = affine.copy()
+    out[:3, :3] = affine[:3, [*kept, dim]]
+    out[:3, 3] = affine[:3, dim] * index + affine[:3, 3]
+    return np.take(data, index, axis=dim), out
 
 
 @dataclass

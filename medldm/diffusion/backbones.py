@@ -1,7 +1,7 @@
 """Diffusion backbones by name, so a new architecture plugs in with one entry in ``BUILDERS``.
 
 Every backbone has MONAI ``DiffusionModelUNet``'s forward: ``model(x, timesteps, class_labels=y)``
-with x (B, C, D, H, W), timesteps (B,), y (B,) long in ``0..num_classes``, where ``num_classes``
+with x (B, C, D, H, W) (or (B, C, H, W) for ``spatial_dims`` 2), timesteps (B,), y (B,) long in ``0..num_classes``, where ``num_classes``
 is the null class used for classifier-free guidance; the output has x's shape.
 """
 
@@ -24,10 +24,11 @@ UNET_DEFAULTS = {
 }
 
 
-def _unet(settings: dict, in_channels: int, num_classes: int, cond_channels: int = 0) -> nn.Module:
+def _unet(settings: dict, in_channels: int, num_classes: int, cond_channels: int = 0,
+          spatial_dims: int = 3) -> nn.Module:
     kwargs = {**UNET_DEFAULTS, **settings}
     return DiffusionModelUNet(
-        spatial_dims=3,
+        spatial_dims=spatial_dims,
         in_channels=in_channels + cond_channels,
         out_channels=in_channels,
         num_class_embeds=num_classes + 1,
@@ -35,7 +36,11 @@ def _unet(settings: dict, in_channels: int, num_classes: int, cond_channels: int
     )
 
 
-def _dit3d(settings: dict, in_channels: int, num_classes: int, cond_channels: int = 0) -> nn.Module:
+def _dit3d(settings: dict, in_channels: int, num_classes: int, cond_channels: int = 0,
+           spatial_dims: int = 3) -> nn.Module:
+    if spatial_dims != 3:
+        raise InputError(f"ldm model name dit3d is 3D only, but the latents are {spatial_dims}D "
+                         "(spatial_dims 2): use model name unet")
     kwargs = dict(settings)
     variant = kwargs.pop("variant", "S/2")
     # adds the null class itself
@@ -45,7 +50,8 @@ def _dit3d(settings: dict, in_channels: int, num_classes: int, cond_channels: in
 BUILDERS: dict[str, Callable[..., nn.Module]] = {"unet": _unet, "dit3d": _dit3d}
 
 
-def build_diffusion_model(settings: dict, in_channels: int, num_classes: int, cond_channels: int = 0) -> nn.Module:
+def build_diffusion_model(settings: dict, in_channels: int, num_classes: int, cond_channels: int = 0,
+                          spatial_dims: int = 3) -> nn.Module:
     """Build the backbone named by ``settings["name"]`` (default ``unet``).
 
     Args:
@@ -54,13 +60,14 @@ def build_diffusion_model(settings: dict, in_channels: int, num_classes: int, co
         in_channels: latent channels C (also the output channels).
         num_classes: number of real classes K; label K is the null (unconditional) class.
         cond_channels: extra input channels appended to the latent (an inpainting model's condition).
+        spatial_dims: 3 for volume latents, 2 for image latents (``len(latent_shape) - 1``).
     """
     kwargs = dict(settings)
     name = kwargs.pop("name", "unet")
     if name not in BUILDERS:
         raise InputError(f"ldm model name {name!r} is unknown; choose one of {sorted(BUILDERS)}")
     try:
-        return BUILDERS[name](kwargs, in_channels, num_classes, cond_channels)
+        return BUILDERS[name](kwargs, in_channels, num_classes, cond_channels, spatial_dims)
     except (TypeError, ValueError) as err:
         raise InputError(f"ldm model settings {settings}: {err}") from None
 

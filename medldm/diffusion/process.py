@@ -403,7 +403,8 @@ def load_ldm(path: str | os.PathLike, vae_path: str | os.PathLike | None = None,
     shape = tuple(payload["latent_shape"])
     conditioning = payload.get("conditioning")  # files from before inpainting have neither key
     model = build_diffusion_model(payload["model"], shape[0], len(payload["class_names"]),
-                                  cond_channels=conditioning["channels"] if conditioning else 0)
+                                  cond_channels=conditioning["channels"] if conditioning else 0,
+                                  spatial_dims=len(shape) - 1)
     model.load_state_dict(payload["ema_state"])
     model.to(device).eval()
     return LDM(

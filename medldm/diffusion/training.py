@@ -247,7 +247,8 @@ class Trainer:
         elif self.cond is not None:
             self.conditioning = inpainting.conditioning_record(self.latent_shape[0])
         self.model = build_diffusion_model(self.settings["model"], self.latent_shape[0], self.num_classes,
-                                           cond_channels=self.conditioning["channels"] if self.conditioning else 0)
+                                           cond_channels=self.conditioning["channels"] if self.conditioning else 0,
+                                           spatial_dims=len(self.latent_shape) - 1)
         self.model.to(self.device)
         self.ema = EMA(self.model, cfg["ema_decay"])
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"],
@@ -362,9 +363,10 @@ class Trainer:
         torch.manual_seed(self.cfg["seed"])
         model = self.ema.module
         bs, n = self.cfg["batch_size"], len(self.val_mu)
-        x_all = self.val_mu.repeat(math.ceil(_VAL_SAMPLES / n), 1, 1, 1, 1) * self.header.scale_factor
-        y_all = self.val_labels.repeat(math.ceil(_VAL_SAMPLES / n))
-        c_all = None if self.val_cond is None else self.val_cond.repeat(math.ceil(_VAL_SAMPLES / n), 1, 1, 1, 1)
+        copies = math.ceil(_VAL_SAMPLES / n)
+        x_all = torch.cat([self.val_mu] * copies) * self.header.scale_factor
+        y_all = self.val_labels.repeat(copies)
+        c_all = None if self.val_cond is None else torch.cat([self.val_cond] * copies)
         total = 0.0
         for i in range(0, len(x_all), bs):
             x0, y = x_all[i:i + bs], y_all[i:i + bs]

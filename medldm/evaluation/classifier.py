@@ -55,8 +55,9 @@ class Dataset:
         return Dataset(Rows(ConcatDataset([p.images for p in parts])), np.concatenate([p.labels for p in parts]))
 
 
-def build_classifier(settings: dict, n_classes: int) -> torch.nn.Module:
-    """A 3D MONAI classifier from scratch: (B, 1, X, Y, Z) -> logits (B, n_classes).
+def build_classifier(settings: dict, n_classes: int, spatial_dims: int = 3) -> torch.nn.Module:
+    """A MONAI classifier from scratch: (B, 1, X, Y, Z) (or (B, 1, X, Y), ``spatial_dims`` 2) ->
+    logits (B, n_classes).
 
     ``network`` "densenet" (``DenseNet`` with ``init_features``, ``growth_rate``, ``block_config``,
     ``bn_size``; DenseNet121's are 64, 32, [6, 12, 24, 16], 4) or "efficientnet" (``EfficientNetBN``
@@ -69,12 +70,12 @@ def build_classifier(settings: dict, n_classes: int) -> torch.nn.Module:
     network, norm = settings.get("network", "densenet"), settings.get("norm", "instance")
     if network == "densenet":
         return DenseNet(
-            spatial_dims=3, in_channels=1, out_channels=n_classes, norm=norm,
+            spatial_dims=spatial_dims, in_channels=1, out_channels=n_classes, norm=norm,
             init_features=settings.get("init_features", 64), growth_rate=settings.get("growth_rate", 32),
             block_config=tuple(settings.get("block_config", (6, 12, 24, 16))), bn_size=settings.get("bn_size", 4),
         )
     if network == "efficientnet":
-        return EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=3, in_channels=1,
+        return EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=spatial_dims, in_channels=1,
                               num_classes=n_classes)
     raise InputError(f"evaluate.classifier.network is {network!r}; use 'densenet' or 'efficientnet'")
 
@@ -98,7 +99,7 @@ def train_classifier(data: Dataset, settings: dict, n_classes: int, device: torc
         raise InputError(f"classifier training data hold only class(es) {np.unique(data.labels).tolist()}; "
                          "it needs at least two")
     seed_everything(seed)
-    model = build_classifier(settings, n_classes).to(device)
+    model = build_classifier(settings, n_classes, spatial_dims=np.ndim(data.images[0])).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.get("lr", 1e-3),
                                   weight_decay=settings.get("weight_decay", 1e-4))
     batches = balanced_batches(data.labels, settings.get("steps", 100), settings.get("batch_size", 4), seed)

@@ -57,9 +57,9 @@ def fit_msssim(shape: Sequence[int], kernel_size: int = 7, scales: int | None = 
 
 
 def msssim_metric(shape: Sequence[int], kernel_size: int = 7, scales: int | None = None) -> MultiScaleSSIMMetric:
-    """MONAI's 3D MS-SSIM for volumes in [0, 1], with scales fitted to ``shape``."""
+    """MONAI's MS-SSIM for volumes (or 2D images) in [0, 1], with scales fitted to ``shape``."""
     weights = fit_msssim(shape, kernel_size, scales)
-    return MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=kernel_size, weights=weights)
+    return MultiScaleSSIMMetric(spatial_dims=len(shape), data_range=1.0, kernel_size=kernel_size, weights=weights)
 
 
 def sample_pairs(n: int, max_pairs: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -101,11 +101,11 @@ SSIM_WINDOW = 7  # voxels: every SSIM medldm reports (training logs, vae.pt, the
 
 
 def ssim_metric(shape: Sequence[int]) -> SSIMMetric:
-    """MONAI's 3D SSIM (data range 1, Gaussian SSIM_WINDOW window) for volumes of ``shape``."""
+    """MONAI's SSIM (data range 1, Gaussian SSIM_WINDOW window) for volumes (or 2D images) of ``shape``."""
     if min(shape) < SSIM_WINDOW:
         raise InputError(f"SSIM uses a {SSIM_WINDOW}-voxel window but the volumes are "
                          f"{'x'.join(map(str, shape))}: raise prepare.shape to at least {SSIM_WINDOW} per axis")
-    return SSIMMetric(spatial_dims=3, data_range=1.0, win_size=SSIM_WINDOW)
+    return SSIMMetric(spatial_dims=len(shape), data_range=1.0, win_size=SSIM_WINDOW)
 
 
 @torch.no_grad()

@@ -7,10 +7,14 @@ dropped, each slice quantised to 8 bits (exactly what saving it as a PNG does, s
 ``InceptionV3`` (``medldm.evaluation.fid_weights.load_inception``) resizes to 299 and maps [0, 1] to [-1, 1]
 itself. Features (N, dims) feed the Fréchet distance per axis and KID. A group with fewer than two
 non-empty slices (a generator that makes empty volumes) gets no FID but a ``flag`` saying why.
+
+2D images (config spatial_dims 2) are scored directly: each image is its own one slice, on the one
+"axis" ``image`` (``medldm.report.montage.IMAGE_AXES``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -25,7 +29,7 @@ from scipy import linalg
 
 from medldm.errors import InputError
 from medldm.io import atomic_path
-from medldm.report.montage import AXES
+from medldm.report.montage import AXES, image_axes
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +76,10 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def volume_slices(volume: np.ndarray, axis: int, spec: SliceSpec) -> np.ndarray:
-    """Non-empty central slices of ``volume`` (X, Y, Z) along ``axis``: (K, H, W) uint8."""
-    slices = np.moveaxis(np.asarray(volume), axis, 0)[slice_indices(volume.shape[axis], spec)]
+    """Non-empty central slices of ``volume`` (X, Y, Z) along ``axis``: (K, H, W) uint8; a 2D
+    image is its own one slice (K = 1, or 0 when empty)."""
+    volume = np.asarray(volume)
+    slices = volume[None] if volume.ndim == 2 else np.moveaxis(volume, axis, 0)[slice_indices(volume.shape[axis], spec)]
     foreground = (slices > spec.empty_threshold).mean(axis=(1, 2))
     return to_uint8(slices[foreground >= spec.min_foreground])
 
@@ -114,9 +120,14 @@ class SliceFeatures:
         return np.asarray(self.meta["volume_class"], np.int64)
 
     @property
+    def axes(self) -> tuple[str, ...]:
+        """The slice axes (``AXES`` for volumes, ``IMAGE_AXES`` for 2D images)."""
+        return tuple(self.features)
+
+    @property
     def empty_volumes(self) -> int:
         """Volumes without a single non-empty slice on any axis."""
-        kept = set().union(*(np.unique(self.volume[a]).tolist() for a in AXES))
+        kept = set().union(*(np.unique(self.volume[a]).tolist() for a in self.axes))
         return len(self.volume_class) - len(kept)
 
     def select(self, rows: Sequence[int]) -> SliceFeatures:
@@ -124,7 +135,7 @@ class SliceFeatures:
         0..len(rows)-1 in the order given."""
         rows = np.asarray(rows, np.int64)
         features, class_index, volume = {}, {}, {}
-        for axis in AXES:
+        for axis in self.axes:
             order = np.argsort(self.volume[axis], kind="stable")
             sorted_volume = self.volume[axis][order]
             starts, ends = np.searchsorted(sorted_volume, rows, "left"), np.searchsorted(sorted_volume, rows, "right")
@@ -137,7 +148,7 @@ class SliceFeatures:
     def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
         """The npz entries of these features (names start with ``prefix``)."""
         arrays = {f"{prefix}meta": np.array(json.dumps(self.meta, sort_keys=True))}
-        for axis in AXES:
+        for axis in self.axes:
             arrays[f"{prefix}{axis}_features"] = self.features[axis].astype(np.float32)
             arrays[f"{prefix}{axis}_class_index"] = self.class_index[axis]
             arrays[f"{prefix}{axis}_volume"] = self.volume[axis]
@@ -150,7 +161,8 @@ class SliceFeatures:
     @classmethod
     def from_npz(cls, npz, prefix: str = "") -> SliceFeatures:
         meta = json.loads(str(npz[f"{prefix}meta"]))
-        parts = {kind: {a: npz[f"{prefix}{a}_{kind}"] for a in AXES} for kind in ("features", "class_index", "volume")}
+        axes = meta.get("axes", AXES)  # files from before 2D images hold the three axes
+        parts = {kind: {a: npz[f"{prefix}{a}_{kind}"] for a in axes} for kind in ("features", "class_index", "volume")}
         if "volume_class" not in meta:
             raise KeyError("volume_class (written by an older medldm)")
         return cls(parts["features"], parts["class_index"], parts["volume"], meta)
@@ -196,29 +208,33 @@ def slice_features(
     meta: dict | None = None,
     progress: bool = True,
 ) -> SliceFeatures:
-    """Features of the central non-empty slices of each (volume (X, Y, Z), class index), per axis."""
+    """Features of the central non-empty slices of each (volume (X, Y, Z), class index), per axis;
+    of each non-empty 2D image (X, Y) itself."""
     from tqdm import tqdm
 
-    slices = {a: [] for a in AXES}
-    labels = {a: [] for a in AXES}
-    rows = {a: [] for a in AXES}
+    volumes = iter(volumes)
+    first = next(volumes, None)
+    axes = image_axes(np.ndim(first[0])) if first is not None else AXES
+    slices = {a: [] for a in axes}
+    labels = {a: [] for a in axes}
+    rows = {a: [] for a in axes}
     volume_class = []
-    for row, (volume, cls) in enumerate(volumes):
+    for row, (volume, cls) in enumerate(itertools.chain([first] if first is not None else [], volumes)):
         volume_class.append(int(cls))
-        for axis_index, axis in enumerate(AXES):
+        for axis_index, axis in enumerate(axes):
             s = volume_slices(volume, axis_index, spec)
             slices[axis].append(s)
             labels[axis].append(np.full(len(s), cls, np.int64))
             rows[axis].append(np.full(len(s), row, np.int64))
     features, class_index, volume_row = {}, {}, {}
-    for axis in tqdm(AXES, desc="inception features", disable=not progress or not sys.stderr.isatty()):
+    for axis in tqdm(axes, desc="inception features", disable=not progress or not sys.stderr.isatty()):
         images = np.concatenate(slices[axis]) if slices[axis] else np.zeros((0, 1, 1), np.uint8)
         features[axis] = inception_features(images, model, device, batch_size)
         class_index[axis] = np.concatenate(labels[axis]) if labels[axis] else np.zeros(0, np.int64)
         volume_row[axis] = np.concatenate(rows[axis]) if rows[axis] else np.zeros(0, np.int64)
         log.info("%s: %d slices -> features %s", axis, len(images), features[axis].shape)
-    meta = {**(meta or {}), "slice_spec": spec.__dict__, "dims": int(features[AXES[0]].shape[1]),
-            "volume_class": volume_class}
+    meta = {**(meta or {}), "slice_spec": spec.__dict__, "dims": int(features[axes[0]].shape[1]),
+            "volume_class": volume_class, **({"axes": list(axes)} if axes != AXES else {})}
     return SliceFeatures(features, class_index, volume_row, meta)
 
 
@@ -292,10 +308,10 @@ def _pair(real: SliceFeatures, synthetic: SliceFeatures, axis: str, index: int |
 def pooled_fids(real: SliceFeatures, synthetic: SliceFeatures) -> dict[str, float]:
     """FID per axis of the pooled sets and its mean over axes; NaN where a set has < 2 slices."""
     values = {}
-    for axis in AXES:
+    for axis in real.axes:
         r, s = _pair(real, synthetic, axis, None)
         values[axis] = fid(r, s) if min(len(r), len(s)) >= 2 else np.nan
-    values["mean"] = float(np.mean([values[a] for a in AXES]))
+    values["mean"] = float(np.mean([values[a] for a in real.axes]))
     return values
 
 
@@ -308,7 +324,7 @@ def bootstrap_fid(real: SliceFeatures, synthetic: SliceFeatures, replicates: int
     n_real, n_synthetic = len(real.volume_class), len(synthetic.volume_class)
     draws = [pooled_fids(real.select(rng.integers(0, n_real, n_real)),
                          synthetic.select(rng.integers(0, n_synthetic, n_synthetic))) for _ in range(replicates)]
-    return {key: np.array([d[key] for d in draws]) for key in (*AXES, "mean")}
+    return {key: np.array([d[key] for d in draws]) for key in (*real.axes, "mean")}
 
 
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float | None, float | None]:
@@ -330,21 +346,21 @@ def compare(real: SliceFeatures, synthetic: SliceFeatures, class_names: list[str
     the mean of a group with such an axis). ``bootstrap`` ({replicates, seed}) adds ``ci_low`` and
     ``ci_high`` (percentile 95 %, volumes resampled) to the pooled rows.
     """
-    for key in ("dims", "slice_spec", "weights_sha256"):
+    for key in ("dims", "slice_spec", "weights_sha256", "axes"):
         if real.meta.get(key) != synthetic.meta.get(key):
             raise InputError(f"reference and sample features differ in {key} ({real.meta.get(key)} vs "
                              f"{synthetic.meta.get(key)}); rerun the fid_reference rule")
     groups = [("all", None)]
     for index, name in enumerate(class_names):
-        if all((real.class_index[a] == index).any() and (synthetic.class_index[a] == index).any() for a in AXES):
+        if all((real.class_index[a] == index).any() and (synthetic.class_index[a] == index).any() for a in real.axes):
             groups.append((name, index))
     rows = []
     for group, index in groups:
-        axis_rows = [_axis_row(group, axis, *_pair(real, synthetic, axis, index), kid_settings) for axis in AXES]
+        axis_rows = [_axis_row(group, axis, *_pair(real, synthetic, axis, index), kid_settings) for axis in real.axes]
         rows += [*axis_rows, _mean_row(group, axis_rows, kid_settings is not None)]
     if bootstrap and bootstrap.get("replicates", 0) > 0:
         draws = bootstrap_fid(real, synthetic, bootstrap["replicates"], bootstrap.get("seed", 0))
-        for row in rows[:len(AXES) + 1]:  # the pooled group comes first
+        for row in rows[:len(real.axes) + 1]:  # the pooled group comes first
             row["ci_low"], row["ci_high"] = percentile_interval(draws[row["axis"]])
     return rows
 

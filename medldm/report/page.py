@@ -142,7 +142,7 @@ def plot_fid(fid_rows: dict[str, list[dict]], path: str | os.PathLike, key: str 
     plt = _pyplot()
     series = [(f"{name} / {r['group']}", r) for name, rows in fid_rows.items() for r in rows]
     labels = sorted({s for s, _ in series}, key=[s for s, _ in series].index)
-    positions = [*AXES, "mean"]
+    positions = [*fid_axes([r for _, r in series]), "mean"]
     width = 0.8 / max(1, len(labels))
     fig, ax = plt.subplots(figsize=(7, 3.2))
     for i, lab in enumerate(labels):
@@ -237,6 +237,11 @@ FID_COMPARED = {"samples": "sample set", "real_train": "real training subjects (
                 "reconstruction": "autoencoder reconstructions (autoencoder floor)"}
 
 
+def fid_axes(rows: list[dict]) -> tuple[str, ...]:
+    """The slice axes of FID rows, in order (``AXES``; ``image`` alone for 2D images)."""
+    return tuple(dict.fromkeys(r["axis"] for r in rows if r["axis"] != "mean")) or AXES
+
+
 def pooled_fid(rows: list[dict]) -> dict[str, dict]:
     """The pooled (group ``all``) FID rows of one comparison, by axis (and ``mean``)."""
     return {r["axis"]: r for r in rows if r["group"] == "all"}
@@ -267,9 +272,10 @@ def _fid_floor_rows(metrics: dict[str, dict]) -> list[dict]:
         for kind, c in compared.items():
             pooled = pooled_fid(c["rows"])
             flags = [empty_flag(m)] if kind == "samples" else []
-            flags += [pooled[a]["flag"] for a in AXES if pooled[a].get("flag")]  # the mean's repeats them
+            axes = fid_axes(c["rows"])
+            flags += [pooled[a]["flag"] for a in axes if pooled[a].get("flag")]  # the mean's repeats them
             rows.append({"set": name, "compared": FID_COMPARED[kind], "volumes": c["n_volumes"],
-                         "slices": pooled["mean"]["n_synthetic"], **{a: fid_cell(pooled[a]) for a in (*AXES, "mean")},
+                         "slices": pooled["mean"]["n_synthetic"], **{a: fid_cell(pooled[a]) for a in (*axes, "mean")},
                          "flag": "; ".join(dict.fromkeys(f for f in flags if f))})
     return rows
 
@@ -278,6 +284,7 @@ def _fid_section(metrics: dict[str, dict], figures: Path) -> Section:
     section = Section("FID and KID (per-slice, three axes)")
     first = next(iter(metrics.values()))
     fid, spec, weights = first["fid"], first["fid"]["slice_spec"], first["fid"]["weights"]
+    axes = fid_axes(fid["rows"])
     every = f"{spec['slices_per_volume']} evenly spaced" if spec["slices_per_volume"] else "all"
     section.text(f"pytorch-fid InceptionV3, {fid['dims']}-d features of 8-bit slices repeated to 3 channels: {every} "
                  f"slices of the central {spec['central_fraction']:.0%} of each axis, slices with less than "
@@ -300,7 +307,7 @@ def _fid_section(metrics: dict[str, dict], figures: Path) -> Section:
                  "compare sets only through overlapping or separated intervals.")
     section.html(table(_fid_floor_rows(metrics), [("set", "sample set"), ("compared", "compared with reference"),
                                                   ("volumes", "volumes"), ("slices", "slices (3 axes)"),
-                                                  *[(a, f"FID {a}") for a in (*AXES, "mean")], ("flag", "flag")]))
+                                                  *[(a, f"FID {a}") for a in (*axes, "mean")], ("flag", "flag")]))
     rows = [{"set": name, **r} for name, m in metrics.items() for r in m["fid"]["rows"]]
     columns = [("set", "sample set"), ("group", "group"), ("axis", "axis"), ("fid", "FID"),
                ("kid_mean", "KID"), ("kid_std", "KID std"), ("n_real", "real slices"),
@@ -403,7 +410,7 @@ def _summary_section(sets: dict, metrics: dict, classifier: dict) -> Section:
         if name in metrics:
             pooled = pooled_fid(metrics[name]["fid"]["rows"])
             baselines = metrics[name]["fid"].get("baselines", {})
-            row |= {f"fid_{a}": pooled[a]["fid"] for a in AXES}
+            row |= {f"fid_{a}": pooled[a]["fid"] for a in fid_axes(metrics[name]["fid"]["rows"])}
             row["fid_mean"] = fid_cell(pooled["mean"])
             row |= {f"floor_{k}": fid_cell(pooled_fid(b["rows"])["mean"]) for k, b in baselines.items()}
             row["empty"] = empty_flag(metrics[name])
@@ -414,8 +421,9 @@ def _summary_section(sets: dict, metrics: dict, classifier: dict) -> Section:
             row[f"auc_{arm}"] = a["metrics"]["roc_auc"]["value"]
         rows.append(row)
     arms = list(dict.fromkeys(k for r in rows for k in r if k.startswith("auc_")))
+    axes = fid_axes([r for m in metrics.values() for r in m["fid"]["rows"]])
     section.html(table(rows, [("set", "sample set"), ("ldm", "diffusion model"),
-                              *[(f"fid_{a}", f"FID {a}") for a in (*AXES, "mean")],
+                              *[(f"fid_{a}", f"FID {a}") for a in (*axes, "mean")],
                               ("floor_real_train", "FID mean, real train"),
                               ("floor_reconstruction", "FID mean, autoencoder"), ("empty", "empty volumes"),
                               ("kid", "KID (mean)"),
