@@ -87,8 +87,7 @@ def test_init_is_the_base_exactly(base):
     """Zero output convolutions: the controlled model's output, and a whole sample, equal the base's."""
     vae, latents, ldm_path = base
     ldm = diffusion.load_ldm(ldm_path)
-    net = cn.build_controlnet(ldm.settings["model"], {}, ldm.latent_shape[0], len(ldm.class_names), 3, 2,
-                              [8, 16, 32])
+    net = cn.build_controlnet(ldm.settings["model"], ldm.latent_shape[0], len(ldm.class_names), 3, 2, [8, 16, 32])
     copied = cn.init_from_base(net, ldm.model)
     assert "conv_in.conv.weight" in copied and any(k.startswith("down_blocks.1") for k in copied)
     torch.testing.assert_close(net.state_dict()["down_blocks.0.resnets.0.conv1.conv.weight"],
@@ -105,6 +104,36 @@ def test_init_is_the_base_exactly(base):
                                  batch_size=3, device=CPU, progress=False, rows={"control": maps},
                                  reverse=cn.controlled_sample)
     np.testing.assert_allclose(steered, plain, rtol=0, atol=1e-5)
+
+
+def test_a_2d_controlnet_starts_as_its_base_and_its_embedding_reaches_the_latent_grid():
+    """Dimension comes from the latents: a 2D base UNet (64x48 images, f = 4 -> 16x12 latents)."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    settings = {"name": "unet", "channels": [16, 32], "attention_levels": [False, True], "norm_num_groups": 8,
+                "num_res_blocks": 1,
+                "num_head_channels": 8}
+    torch.manual_seed(0)
+    base = DiffusionModelUNet(spatial_dims=2, in_channels=3, out_channels=3, num_class_embeds=3,
+                              **{k: v for k, v in settings.items() if k != "name"})
+    with torch.no_grad():  # a "trained" base: MONAI zero-initialises its output convolution too
+        for p in base.parameters():
+            p.normal_(std=0.1)
+    factor = cn.downsampling((64, 48), (16, 12), "toy")
+    embedding = cn.embedding_channels({}, factor, "toy")
+    assert factor == 4 and embedding == [16, 32, 64]
+    net = cn.build_controlnet(settings, 3, 2, 2, 1, embedding)
+    cn.init_from_base(net, base)
+    label = np.zeros((2, 64, 48), np.int64)
+    label[:, 10:30, 5:20] = 1
+    maps = cn.control_maps(label, "label", "contour", 2)
+    x, t, y = torch.randn(2, 3, 16, 12), torch.tensor([10, 700]), torch.tensor([0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(cn.Controlled(cn.freeze(base), net).bind(maps)(x, t, y), base(x, t, class_labels=y))
+        torch.nn.init.normal_(net.controlnet_mid_block.conv.weight)  # a trained ControlNet: the output moves
+        assert not torch.allclose(cn.Controlled(base, net).bind(maps)(x, t, y), base(x, t, class_labels=y))
+    with pytest.raises(InputError, match=r"not one power-of-2 downsampling"):
+        cn.downsampling((64, 48), (16, 16), "toy")
 
 
 def test_controlnet_follows_the_maps_and_never_writes_the_base(trained, tmp_path):

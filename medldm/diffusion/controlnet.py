@@ -115,19 +115,18 @@ def embedding_channels(settings: dict, factor: int, where: str) -> list[int]:
     return list(given)
 
 
-def build_controlnet(base_settings: dict, settings: dict, latent_channels: int, num_classes: int,
-                     spatial_dims: int, in_channels: int, embedding: list[int]) -> ControlNet:
-    """A MONAI ControlNet shaped like the base ``unet`` (its keywords that ControlNet takes),
-    with ``settings`` (the controlnet entry's ``model``) on top."""
+def build_controlnet(base_settings: dict, latent_channels: int, num_classes: int, spatial_dims: int,
+                     in_channels: int, embedding: list[int]) -> ControlNet:
+    """A MONAI ControlNet shaped like the base ``unet`` (the base's keywords that ControlNet takes),
+    whose conditioning embedding takes ``in_channels`` maps through stages of ``embedding`` channels."""
     accepted = inspect.signature(ControlNet).parameters
     base = {k: v for k, v in {**UNET_DEFAULTS, **base_settings}.items() if k in accepted}
-    extra = {k: v for k, v in settings.items() if k != "conditioning_embedding_num_channels"}
     try:
         return ControlNet(spatial_dims=spatial_dims, in_channels=latent_channels, num_class_embeds=num_classes + 1,
-                          **{**base, **extra}, conditioning_embedding_in_channels=in_channels,
+                          **base, conditioning_embedding_in_channels=in_channels,
                           conditioning_embedding_num_channels=embedding)
     except (TypeError, ValueError) as err:
-        raise InputError(f"controlnet model settings {settings}: {err}") from None
+        raise InputError(f"controlnet on a base with model settings {base_settings}: {err}") from None
 
 
 def init_from_base(controlnet: ControlNet, base: nn.Module) -> list[str]:
@@ -209,9 +208,8 @@ def load_controlnet(path, ldm_path, vae_path=None, device="cpu", scale: float = 
         raise InputError(f"{path} was trained on a base ldm.pt with sha256 {payload['base_sha256'][:12]}..., but "
                          f"{ldm_path} has {actual[:12]}...: retrain the controlnet on this ldm")
     ldm = diffusion.load_ldm(ldm_path, vae_path, device)
-    net = build_controlnet(ldm.settings["model"], payload["settings"].get("model") or {}, ldm.latent_shape[0],
-                           len(ldm.class_names), payload["spatial_dims"], payload["in_channels"],
-                           payload["embedding"])
+    net = build_controlnet(ldm.settings["model"], ldm.latent_shape[0], len(ldm.class_names), payload["spatial_dims"],
+                           payload["in_channels"], payload["embedding"])
     net.load_state_dict(payload["ema_state"])
     ldm.model = Controlled(freeze(ldm.model), net.to(device).eval(), scale)
     return LoadedControlNet(ldm, payload["maps"], payload["transform"], payload["base_sha256"])
@@ -234,8 +232,8 @@ def read_control_maps(path, rows, maps: str, transform: str, n_labels: int) -> t
         rows = np.asarray(rows, dtype=np.int64)
         parts = [control_maps(data[rows[i:i + 16]], maps, transform, n_labels, str(path)).to(torch.uint8)
                  for i in range(0, len(rows), 16)]
-    return torch.cat(parts) if parts else torch.zeros((0, map_channels(maps, transform, n_labels), *data.shape[1:]),
-                                                      dtype=torch.uint8)
+        empty = (0, map_channels(maps, transform, n_labels), *data.shape[1:])
+    return torch.cat(parts) if parts else torch.zeros(empty, dtype=torch.uint8)
 
 
 def split_rows(path, splits) -> np.ndarray:
@@ -304,9 +302,8 @@ class ControlNetTrainer(Trainer):
         self.in_channels = map_channels(self.maps, self.transform, self.n_labels)
         self.embedding = embedding_channels(self.settings.get("model") or {}, self.factor, "controlnet")
         self.spatial_dims = len(self.latent_shape) - 1
-        self.model = build_controlnet(self.base_ldm.settings["model"], self.settings.get("model") or {},
-                                      self.latent_shape[0], self.num_classes, self.spatial_dims, self.in_channels,
-                                      self.embedding)
+        self.model = build_controlnet(self.base_ldm.settings["model"], self.latent_shape[0], self.num_classes,
+                                      self.spatial_dims, self.in_channels, self.embedding)
         copied = init_from_base(self.model, self.base)
         log.info("controlnet: %d tensors copied from the base unet", len(copied))
         self.model.to(self.device)
