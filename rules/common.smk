@@ -301,6 +301,8 @@ def sample_set_inputs(wildcards):
         "ldm": f"{RESULTS}/ldm/{wildcards.ldm}/ldm.pt",
         "vae": f"{ldm_vae_dir(wildcards)}/vae.pt",
     }
+    if entry.get("controlnet"):
+        inputs["controlnet"] = f"{RESULTS}/controlnet/{entry['controlnet']}/controlnet.pt"
     source = (entry.get("conditions") or {}).get("from")
     if entry["task"] == "inpaint" or source in SPLIT_NAMES:
         inputs["real"] = f"{ldm_vae_dir(wildcards)}/latents.h5"
@@ -310,8 +312,9 @@ def sample_set_inputs(wildcards):
 
 
 def real_latents_arg(wildcards, input):
-    """--real (the autoencoder's latents) and --source (a chained set's source volumes) of sample."""
-    args = [f"--{key} {shlex.quote(input[key])}" for key in ("real", "source") if key in input.keys()]
+    """--real (the autoencoder's latents), --source (a chained set's source volumes) and
+    --controlnet (a ControlNet set's controlnet.pt) of sample."""
+    args = [f"--{key} {shlex.quote(input[key])}" for key in ("real", "source", "controlnet") if key in input.keys()]
     return " ".join(args)
 
 
@@ -333,7 +336,7 @@ def set_has_label_maps(name):
     if ldm is None:
         return False
     vae = config["vae"].get(ldm["vae"], {})
-    return (bool(entry.get("conditions")) and "label" in ldm_conditions(entry["ldm"])) or bool(
+    return (bool(entry.get("conditions")) and "label" in set_condition_maps(entry)) or bool(
         vae.get("paired_labels")) or vae.get("inputs") == "labels"
 
 
@@ -362,7 +365,7 @@ def check_set_conditions(name, entry, seen=()):
     """Refuse a sample set whose `conditions` its ldm cannot take, or whose source is unknown,
     has no label maps, has no subjects, or leads back to the set (a cycle)."""
     where = f"config: sample_sets.{name}"
-    maps, conditions = ldm_conditions(entry["ldm"]), entry.get("conditions")
+    maps, conditions = set_condition_maps(entry), entry.get("conditions")
     if maps and not conditions:
         raise WorkflowError(f"{where} has no `conditions`, but ldm.{entry['ldm']} is conditioned on {maps}: "
                             "add `conditions: {from: test}` (or from a set with label maps)")
@@ -423,8 +426,66 @@ def is_label_set(name):
     return vae.get("inputs") == "labels"
 
 
+# ControlNet (rules/controlnet.smk, medldm/diffusion/controlnet.py): `controlnet.<name>` steers
+# a frozen unet ldm; a sample set naming it samples that ldm (its `ldm` is filled in here).
+def controlnet_entry(name):
+    if name not in config["controlnet"]:
+        raise WorkflowError(f"config: no controlnet entry {name!r} (known: {sorted(config['controlnet'])})")
+    return config["controlnet"][name]
+
+
+def controlnet_latents(wildcards):
+    """The latents.h5 the base ldm learned from (its label maps and masks condition the ControlNet)."""
+    return f"{RESULTS}/vae/{config['ldm'][controlnet_entry(wildcards.controlnet)['ldm']]['vae']}/latents.h5"
+
+
+def set_condition_maps(entry):
+    """The maps a sample set's model takes: its controlnet's, else its ldm's `conditions`."""
+    if entry.get("controlnet"):
+        return [config["controlnet"][entry["controlnet"]]["maps"]]
+    return ldm_conditions(entry["ldm"])
+
+
+def check_controlnets():
+    """Refuse controlnets whose base cannot be steered or whose maps the sheet lacks, and sample
+    sets that name an unknown controlnet, another ldm, or no conditions; fill in their `ldm`."""
+    for name, entry in config["controlnet"].items():
+        where, base_name = f"config: controlnet.{name}", entry["ldm"]
+        base = config["ldm"].get(base_name)
+        if base is None:
+            raise WorkflowError(f"{where}.ldm names {base_name!r}, which is not in `ldm` (known: {sorted(config['ldm'])})")
+        backbone = (base.get("model") or {}).get("name", "unet")
+        if backbone != "unet":
+            raise WorkflowError(f"{where}.ldm names ldm.{base_name}, a {backbone!r} model: a ControlNet copies a "
+                                "unet encoder; name an ldm with model name unet")
+        if base["task"] != "generate" or ldm_conditions(base_name):
+            raise WorkflowError(f"{where}.ldm names ldm.{base_name}, which takes extra input channels (task "
+                                f"{base['task']!r}, conditions {ldm_conditions(base_name)}): name a plain generate ldm")
+        if not {"label": HAS_LABELS, "mask": HAS_MASKS}[entry["maps"]]:
+            raise WorkflowError(f"{where}.maps is {entry['maps']!r}, but the sample sheet {SAMPLE_SHEET or '(demo)'} "
+                                f"has no `{entry['maps']}` for every row: fill that column, or choose the other maps")
+    for name, entry in config["sample_sets"].items():
+        where = f"config: sample_sets.{name}"
+        if "controlnet" not in entry:
+            if "conditioning_scale" in entry:
+                raise WorkflowError(f"{where}.conditioning_scale is set but the set names no `controlnet`; remove it")
+            continue
+        if entry["controlnet"] not in config["controlnet"]:
+            raise WorkflowError(f"{where}.controlnet names {entry['controlnet']!r}, which is not in `controlnet` "
+                                f"(known: {sorted(config['controlnet'])})")
+        base = config["controlnet"][entry["controlnet"]]["ldm"]
+        if entry.get("ldm", base) != base:
+            raise WorkflowError(f"{where} names ldm {entry['ldm']!r} and controlnet {entry['controlnet']!r}, whose "
+                                f"base is ldm {base!r}: drop the set's `ldm` (a controlnet set samples its base)")
+        entry["ldm"] = base
+        if not entry.get("conditions"):
+            raise WorkflowError(f"{where} names controlnet {entry['controlnet']!r} but has no `conditions`: add "
+                                "`conditions: {from: test}` (or from a set with label maps), the maps that steer it")
+
+
 def check_models():
     """Refuse, before any job, models and sample sets that cannot be right."""
+    check_controlnets()
     check_label_autoencoders()
     for name, entry in config["ldm"].items():
         train = entry["train"]

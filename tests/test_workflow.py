@@ -12,8 +12,9 @@ from tests.test_workflow_samples import planned_rules
 
 TARGET_RULES = {"all", "prepared", "autoencoders", "synthetic"}  # rules that only gather others' outputs
 # rules the default config does not use: a pretrained autoencoder, inpaint sample sets (config/inpaint.yaml),
-# the segmentation and label-map evaluations (sets with label maps: config/spatial.yaml)
-OPTIONAL_RULES = {"import_vae", "evaluate_inpainting", "train_segmenter", "evaluate_segmentation", "evaluate_label_maps"}
+# the segmentation and label-map evaluations (sets with label maps: config/spatial.yaml), ControlNets
+OPTIONAL_RULES = {"import_vae", "evaluate_inpainting", "train_segmenter", "evaluate_segmentation", "evaluate_label_maps",
+                  "train_controlnet"}
 
 
 def test_dry_run_lists_every_stage(tmp_path):

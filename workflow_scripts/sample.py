@@ -10,6 +10,8 @@ A spatially conditioned model's set (`conditions`) takes its maps from the real 
 (--real, `from: test`) or from another set's decoded label maps (--source, its volumes.h5: the
 chain), `per_subject` volumes per map, named `<source id>-c<k>`; the set's latents.h5 keeps each
 row's `label` map (decode writes it to volumes.h5) and `source_id`.
+A ControlNet set (--controlnet, trained on --ldm) takes its maps from the same sources, at image
+resolution, and steers the base with them times `conditioning_scale`.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medldm.data import h5layout
 from medldm.diffusion import inpainting, spatial
 from medldm.diffusion import process as diffusion
+from medldm.diffusion.controlnet import controlled_sample, load_controlnet
 from medldm.errors import InputError, run_cli
 from medldm.runtime import pick_device, setup_logging
 from medldm.settings import load_settings, require
@@ -42,6 +46,7 @@ def main(argv=None) -> int:
                         "or the real rows whose maps condition a set (`conditions: {from: <split>}`)")
     parser.add_argument("--source", type=Path, help="volumes.h5 of the set whose label maps condition this one "
                         "(`conditions: {from: <set>}`)")
+    parser.add_argument("--controlnet", type=Path, help="controlnet.pt trained on --ldm (a set with `controlnet`)")
     parser.add_argument("--out", required=True, type=Path, help="latents.h5 to write")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
@@ -49,7 +54,16 @@ def main(argv=None) -> int:
     settings = load_settings(args.settings)
     where = f"sample set {args.name!r}"
     device = pick_device(args.device)
-    ldm = diffusion.load_ldm(args.ldm, vae_path=args.vae, device=device)
+    control = None
+    if args.controlnet:
+        if not settings.get("conditions"):
+            raise InputError(f"{where} names a controlnet but has no `conditions`: give it `conditions: {{from: "
+                             "test}` (or `from: <a set with label maps>`), the maps that steer it")
+        control = load_controlnet(args.controlnet, args.ldm, vae_path=args.vae, device=device,
+                                  scale=settings.get("conditioning_scale", 1.0))
+        ldm = control.ldm
+    else:
+        ldm = diffusion.load_ldm(args.ldm, vae_path=args.vae, device=device)
     sampler = require(settings, "sampler", where)
     if sampler == "auto":
         sampler = "ddim" if ldm.strategy.name == "ddpm" else "rflow"
@@ -63,7 +77,9 @@ def main(argv=None) -> int:
                   "ldm_latents_sha256": ldm.latents_sha256},
     )
     conditions = settings.get("conditions")
-    if settings.get("task", "generate") == "inpaint":
+    if control is not None:
+        latents = write_conditioned_set(ldm, settings, args.real, args.source, header, args.out, run, where, control)
+    elif settings.get("task", "generate") == "inpaint":
         latents = write_inpaint_set(ldm, settings, args.real, header, args.out, run, where)
     elif spatial.check_model_conditions(ldm.conditioning if ldm.task == "generate" else None, conditions, where,
                                         args.ldm):
@@ -148,10 +164,11 @@ class _Rows:
         return self.data[np.sort(self.rows[idx])]
 
 
-def write_conditioned_set(ldm, settings, real, source, header, out, run, where):
-    """Rows `<source id>-c<k>`: `per_subject` volumes per source map, each keeping its label map."""
+def write_conditioned_set(ldm, settings, real, source, header, out, run, where, control=None):
+    """Rows `<source id>-c<k>`: `per_subject` volumes per source map, each keeping its label map.
+    ``control``: a loaded ControlNet (its maps at image resolution steer ``ldm``'s base)."""
     conditions = settings["conditions"]
-    kinds = ldm.conditioning["maps"]
+    kinds = [control.maps] if control else ldm.conditioning["maps"]
     with ExitStack() as stack:
         src = condition_source(ldm, str(require(conditions, "from", f"{where} conditions")), real, source, stack,
                                where)
@@ -161,11 +178,17 @@ def write_conditioned_set(ldm, settings, real, source, header, out, run, where):
                              f"conditioned on ({kinds}); condition on a source that has them")
         k = int(conditions.get("per_subject", 1))
         each = np.repeat(np.arange(len(src.ids)), k)
-        maps = spatial.read_latent_maps(src.rows_of, kinds, ldm.latent_shape[1:], ldm.conditioning["pooling"],
-                                        len(ldm.label_names), np.arange(len(src.ids)), where=str(src.path))
         classes = condition_classes(ldm, settings, src, each, where)
-        latents = diffusion.generate(ldm, classes, rows={"cond": maps[each]},
-                                     map_guidance_scale=settings.get("condition_guidance_scale", 1.0), **run)
+        if control:
+            rows = np.arange(len(src.ids))
+            maps = torch.cat([control.control_maps(src.rows_of(control.maps, rows[i:i + 16]), str(src.path))
+                              for i in range(0, len(rows), 16)])
+            latents = diffusion.generate(ldm, classes, rows={"control": maps[each]}, reverse=controlled_sample, **run)
+        else:
+            maps = spatial.read_latent_maps(src.rows_of, kinds, ldm.latent_shape[1:], ldm.conditioning["pooling"],
+                                            len(ldm.label_names), np.arange(len(src.ids)), where=str(src.path))
+            latents = diffusion.generate(ldm, classes, rows={"cond": maps[each]},
+                                         map_guidance_scale=settings.get("condition_guidance_scale", 1.0), **run)
         label_shape = ldm.grid_shape if "label" in kinds else None
         with h5layout.create_latents(out, len(latents), ldm.latent_shape, header, with_logvar=False,
                                      label_shape=label_shape, with_source=True) as writer:

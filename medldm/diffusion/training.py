@@ -343,11 +343,15 @@ class Trainer:
             return None
         return 1.0 + (weight - 1.0) * cond[:, -1:]
 
+    def _loss_of(self, model: nn.Module, x0, labels, cond) -> torch.Tensor:
+        """The diffusion loss of ``model`` (the trained network, or its EMA copy) on one batch."""
+        return diffusion.diffusion_loss(model, self.strategy, x0, labels, self.min_snr_gamma, cond,
+                                        self._mask_weight(cond))
+
     def _train_step(self) -> torch.Tensor:
         x0, labels, cond = self._batch()
         with autocast(self.device, self.cfg["bf16"]):
-            loss = diffusion.diffusion_loss(self.net, self.strategy, x0, labels, self.min_snr_gamma, cond,
-                                            self._mask_weight(cond))
+            loss = self._loss_of(self.net, x0, labels, cond)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg["grad_clip"]:
@@ -372,8 +376,7 @@ class Trainer:
             x0, y = x_all[i:i + bs], y_all[i:i + bs]
             c = None if c_all is None else c_all[i:i + bs]
             with autocast(self.device, self.cfg["bf16"]):
-                total += float(diffusion.diffusion_loss(model, self.strategy, x0, y, self.min_snr_gamma, c,
-                                                        self._mask_weight(c))) * len(x0)
+                total += float(self._loss_of(model, x0, y, c)) * len(x0)
         return total / len(x_all)
 
     def _validating(self, step: int) -> bool:
