@@ -43,8 +43,10 @@ VAE_RUN = "results/runs/vae/demo"
 def pipeline_config() -> dict:
     """config/test.yaml with GPU resources per rule and even less training."""
     config = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
-    # long enough for train_vae to be cancelled after its first checkpoint
-    config["vae"]["demo"]["train"].update(epochs=300, checkpoint_every=5, val_every=300)
+    config["demo"]["n_subjects"] = 6  # 3 per class: one each in train, val and test
+    # a checkpoint every epoch, and enough epochs after the first (seconds) for train_vae to be
+    # cancelled while it runs; the resumed job finishes them
+    config["vae"]["demo"]["train"].update(epochs=40, checkpoint_every=1, val_every=40)
     config["ldm"]["demo"]["train"].update(
         steps=10, warmup_steps=2, log_every=5, val_every=10, checkpoint_every=10
     )
@@ -224,7 +226,7 @@ def test_every_job_ran_under_slurm(chain):
         assert list(logs.glob(f"*_{rule}*/**/*.log")), f"no SLURM log for {rule}"  # rule_ or group_
     submitted = chain["submitted"]
     counts = {r: list(submitted.values()).count(r) for r in CHAIN_RULES}
-    # prepare: the 8 subjects in one group job (profile group-components); train_vae twice
+    # prepare: the 6 subjects in one group job (profile group-components); train_vae twice
     # (cancelled + resumed)
     assert counts == {**dict.fromkeys(CHAIN_RULES, 1), "train_vae": 2}, counts
     assert "localrule manifest:" in chain["first_out"] and "manifest" not in submitted.values()
