@@ -46,7 +46,7 @@ def pipeline_config() -> dict:
     config["demo"]["n_subjects"] = 6  # 3 per class: one each in train, val and test
     # a checkpoint every epoch, and enough epochs after the first (seconds) for train_vae to be
     # cancelled while it runs; the resumed job finishes them
-    config["vae"]["demo"]["train"].update(epochs=40, checkpoint_every=1, val_every=40)
+    config["vae"]["demo"]["train"].update(epochs=60, checkpoint_every=1, val_every=60)
     config["ldm"]["demo"]["train"].update(
         steps=10, warmup_steps=2, log_every=5, val_every=10, checkpoint_every=10
     )
