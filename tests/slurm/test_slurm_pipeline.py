@@ -202,8 +202,8 @@ def test_cancelled_training_resumes_from_checkpoint(chain):
         "first_out"
     ]
     assert chain["ckpts_at_cancel"], chain
-    # the training script caught SIGTERM: it said so (and wrote a checkpoint) before dying
-    assert "by signal" in chain["interrupted_log"], chain["interrupted_log"]
+    # the training script caught SIGTERM (its DataLoader workers ignore it) and wrote a checkpoint
+    assert "stopped by signal after" in chain["interrupted_log"], chain["interrupted_log"]
     rerun = chain["rerun"]
     assert rerun.returncode == 0, rerun.stdout
     log = (chain["workdir"] / "results/logs/vae/demo/train_vae.log").read_text()
