@@ -9,11 +9,17 @@ import numpy as np
 
 from medldm.data.demo import LESION_CENTRE_MM, demo_subjects
 from tests.conftest import REPO
+from workflow_scripts import demo_cohort
 
 
-def build(out_dir, n=3, seed=7):
-    subprocess.run([sys.executable, str(REPO / "workflow_scripts" / "demo_cohort.py"), "--out-dir", str(out_dir),
-                    "--n-subjects", str(n), "--seed", str(seed)], check=True, capture_output=True)
+def build(out_dir, n=3, seed=7, subprocess_run=False):
+    """The demo_cohort script's files; in this process unless ``subprocess_run``."""
+    args = ["--out-dir", str(out_dir), "--n-subjects", str(n), "--seed", str(seed)]
+    if subprocess_run:
+        subprocess.run([sys.executable, str(REPO / "workflow_scripts" / "demo_cohort.py"), *args], check=True,
+                       capture_output=True)
+    else:
+        assert demo_cohort.main(args) == 0
     return sorted(p for p in out_dir.rglob("*.nii.gz"))
 
 
@@ -22,7 +28,7 @@ def digest(paths):
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
-    first = build(tmp_path / "a", n=2)
+    first = build(tmp_path / "a", n=2, subprocess_run=True)  # the same bytes from another process
     second = build(tmp_path / "b", n=2)
     third = build(tmp_path / "c", n=2, seed=8)
     assert [p.name for p in first] == [p.name for p in second]

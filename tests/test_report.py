@@ -31,7 +31,8 @@ from workflow_scripts import report as report_script
 
 SHAPE = (16, 16, 16)
 CLASSES = ["HC", "TLE"]
-FID = {"dims": 64, "batch_size": 50, "central_fraction": 0.8, "slices_per_volume": 0, "empty_threshold": 0.1,
+# 4 evenly spaced slices per axis and volume (not all ~13): the plumbing, a third of the Inception passes
+FID = {"dims": 64, "batch_size": 50, "central_fraction": 0.8, "slices_per_volume": 4, "empty_threshold": 0.1,
        "min_foreground": 0.02, "kid": True, "kid_subsets": 5, "kid_subset_size": 50, "seed": 0, "bootstrap": 20}
 MSSSIM = {"kernel_size": 7, "scales": None, "max_pairs": 20, "seed": 0}
 CLASSIFIER = {"network": "densenet", "init_features": 8, "growth_rate": 4, "block_config": [2, 2], "bn_size": 2,

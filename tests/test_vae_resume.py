@@ -16,7 +16,7 @@ import torch
 from medldm.autoencoder import networks as ae
 from medldm.autoencoder.training import VAETrainer
 from medldm.checkpoint import Checkpoints, claim_run_dir
-from medldm.data.cohort import load_prepared
+from medldm.data.cohort import load_prepared, training_loader
 from medldm.errors import EXIT_INTERRUPTED, InputError
 from tests.conftest import REPO
 from tests.vae_toys import LABELS, single_thread, toy_set, vae_settings, write_prepared  # noqa: F401
@@ -158,3 +158,17 @@ def test_two_process_ddp_training_on_cpu(tmp_path):
     assert "world size 2" in proc.stderr and proc.stderr.count("wrote ") == 1
     assert [r["step"] for r in _metrics(run)] == ["1", "2"]  # 4 subjects / 2 ranks / batch 2
     assert ae.load_vae(out)[1]["epochs"] == 2 and (tmp_path / "m.png").exists()
+
+
+def test_loader_workers_survive_the_stop_signals(tmp_path):
+    """scancel and SLURM's time limit signal every process of the job: a DataLoader worker killed by
+    SIGTERM would take the trainer down before it writes its checkpoint."""
+    data = load_prepared(write_prepared(tmp_path / "prepared", toy_set(4)), ["HC", "TLE"], with_labels=False)
+    loader, plan = training_loader(data, workers=1, cache_mb=0)
+    plan.plan = [[0, 1], [2, 3], [0, 2]]
+    batches = iter(loader)
+    next(batches)
+    for worker in batches._workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGUSR1)
+    assert [len(b["image"]) for b in batches] == [2, 2]  # the worker read on

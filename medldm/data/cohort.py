@@ -10,6 +10,7 @@ optionally over a RAM cache of bounded size); the other stages iterate ``volumes
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -179,6 +180,14 @@ class PlannedBatches:
         return len(self.plan)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM and SIGUSR1: SLURM's scancel and time limit signal the
+    whole job, and a worker killed by them takes the trainer down before the main process (which
+    handles them: medldm.checkpoint.StopFlag) can write its checkpoint. Workers still exit with it."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def training_loader(data: PreparedSet, workers: int, cache_mb: float, pin_memory: bool = False,
                     ) -> tuple[DataLoader, PlannedBatches]:
     """A DataLoader over ``data`` whose batches are the ``plan`` of the returned sampler.
@@ -205,7 +214,7 @@ def training_loader(data: PreparedSet, workers: int, cache_mb: float, pin_memory
         dataset = CacheDataset(data, transform=None, cache_num=cached, copy_cache=False, progress=False)
     sampler = PlannedBatches()
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                        persistent_workers=workers > 0,
+                        persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator())  # leaves the global RNG (the model's noise) alone
     return loader, sampler
 
