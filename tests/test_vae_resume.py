@@ -172,3 +172,21 @@ def test_loader_workers_survive_the_stop_signals(tmp_path):
         os.kill(worker.pid, signal.SIGTERM)
         os.kill(worker.pid, signal.SIGUSR1)
     assert [len(b["image"]) for b in batches] == [2, 2]  # the worker read on
+
+
+def test_a_process_with_an_unfinished_loader_still_exits(tmp_path):
+    """Workers ignore SIGTERM, which multiprocessing uses to stop them at interpreter exit: a process
+    that leaves a loader mid-epoch must still exit (this hang once stopped CI after the last test)."""
+    manifest = write_prepared(tmp_path / "prepared", toy_set(4))
+    script = (
+        "from medldm.data.cohort import load_prepared, training_loader\n"
+        f"data = load_prepared({str(manifest)!r}, ['HC', 'TLE'], with_labels=False)\n"
+        "loader, plan = training_loader(data, workers=2, cache_mb=0)\n"
+        "plan.plan = [[0, 1], [2, 3], [0, 2], [1, 3]]\n"
+        "batches = iter(loader)\n"
+        "print(len(next(batches)['image']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "2"
+    assert "exited unexpectedly" not in done.stderr and "Traceback" not in done.stderr

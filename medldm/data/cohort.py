@@ -9,7 +9,9 @@ optionally over a RAM cache of bounded size); the other stages iterate ``volumes
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -188,6 +190,28 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def _kill_leftover_workers() -> None:
+    """At interpreter exit, multiprocessing stops its daemonic children with SIGTERM and waits for
+    them; workers that ignore SIGTERM (a loader not run to its end) would make that wait forever.
+    This runs first (atexit is last-in, first-out) and kills them; SIGCHLD goes back to its default
+    so that torch's worker watch does not report the kill as a failure."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
+
+
+_exit_hook_registered = False
+
+
+def _kill_leftover_workers_at_exit() -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_kill_leftover_workers)
+        _exit_hook_registered = True
+
+
 def training_loader(data: PreparedSet, workers: int, cache_mb: float, pin_memory: bool = False,
                     ) -> tuple[DataLoader, PlannedBatches]:
     """A DataLoader over ``data`` whose batches are the ``plan`` of the returned sampler.
@@ -213,6 +237,8 @@ def training_loader(data: PreparedSet, workers: int, cache_mb: float, pin_memory
         log.info("caching %d of %d training subjects in RAM (train.cache_mb %g)", cached, len(data), cache_mb)
         dataset = CacheDataset(data, transform=None, cache_num=cached, copy_cache=False, progress=False)
     sampler = PlannedBatches()
+    if workers > 0:
+        _kill_leftover_workers_at_exit()
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                         persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator())  # leaves the global RNG (the model's noise) alone
