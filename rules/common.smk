@@ -512,6 +512,11 @@ def check_models():
                 f"config: sample_sets.{name} inpaints with method trained, but ldm.{entry['ldm']} has "
                 f"task {ldm['task']!r}: set its method to repaint, or name an ldm with task: inpaint"
             )
+        if entry["task"] == "inpaint" and entry["method"] == "repaint" and entry["keep_known"]:
+            raise WorkflowError(
+                f"config: sample_sets.{name}.keep_known is for method trained; RePaint always keeps "
+                "the known latent: remove keep_known, or set method: trained"
+            )
         if ldm is None or not config["classes"] or entry["guidance_scale"] == 1:
             continue
         if ldm["train"]["class_dropout"] == 0:

@@ -270,12 +270,16 @@ def test_inpaint_set_bad_input(toy, tmp_path):
     assert not list(tmp_path.glob("set.h5*"))  # nothing complete-looking left
 
 
-def test_workflow_refuses_a_trained_inpaint_set_on_a_generation_model(tmp_path):
+@pytest.mark.parametrize("fill, message", [
+    ({"method": "trained"}, "sample_sets.fill inpaints with method trained, but ldm.demo has task 'generate'"),
+    ({"method": "repaint", "keep_known": True}, "sample_sets.fill.keep_known is for method trained"),
+])
+def test_workflow_refuses_inpaint_sets_the_model_cannot_run(tmp_path, fill, message):
     config = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
-    config["sample_sets"]["fill"] = {"ldm": "demo", "task": "inpaint", "method": "trained"}
+    config["sample_sets"]["fill"] = {"ldm": "demo", "task": "inpaint", **fill}
     proc = run_snakemake(tmp_path, "-n", config=config, check=False)
     assert proc.returncode != 0
-    assert "sample_sets.fill inpaints with method trained, but ldm.demo has task 'generate'" in proc.stderr + proc.stdout
+    assert message in proc.stderr + proc.stdout
 
 
 # ---- fine-tuning from a generative model, the mask-weighted loss, the clamped known region ----
