@@ -830,6 +830,12 @@ def report_index():
             index["sample_sets"][name]["segmentation"] = f"{evaluation}/segmentation.json"
     if SEGMENTATION:
         index["segmenter"] = f"{SEGMENTER_DIR}/segmenter.json"
+    if config["controlnet"]:  # only then: other runs' report params stay as they were
+        index["controlnet"] = {
+            name: {"model": f"{RESULTS}/controlnet/{name}/controlnet.pt", "ldm": entry["ldm"],
+                   "run_dir": f"{RESULTS}/runs/controlnet/{name}"}
+            for name, entry in config["controlnet"].items()
+        }
     return index
 
 
@@ -839,8 +845,8 @@ def report_inputs():
     files = {"manifest": index["manifest"], "fid_weights": index["fid_weights"]}
     if "segmenter" in index:
         files["segmenter"] = index["segmenter"]
-    for kind in ("vae", "ldm"):
-        for name, entry in index[kind].items():
+    for kind in ("vae", "ldm", "controlnet"):
+        for name, entry in index.get(kind, {}).items():
             files[f"{kind}_{name}"] = entry["model"]
             if kind == "vae":
                 files[f"reconstruction_{name}"] = entry["reconstruction"]

@@ -227,3 +227,54 @@ def test_dimension_mismatches_stop_before_any_job(tmp_path, test_config, change,
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and re.search(message, out), out[-3000:]
     assert not (tmp_path / "results").exists()
+
+
+def test_report_says_images_not_three_axes_for_2d_fid(tmp_path):
+    """The FID section of a 2D run speaks of images (axis `image`), not of slices on three axes."""
+    import torch
+
+    from medldm.evaluation.fid import SliceSpec, compare, slice_features
+    from medldm.report.page import _fid_section, render
+
+    class MeanFeatures(torch.nn.Module):  # a stand-in for Inception: 8 pixel statistics
+        dims = 8
+
+        def forward(self, x):
+            return [torch.nn.functional.adaptive_avg_pool2d(x[:, :1], (2, 4)).flatten(1)[:, :, None, None]]
+
+    rng = np.random.default_rng(0)
+    images = [(rng.random((16, 20)), i % 2) for i in range(12)]
+    features = slice_features(images, MeanFeatures(), SliceSpec(), torch.device("cpu"), progress=False)
+    metrics = {"demo": {"fid": {"dims": 8, "rows": compare(features, features, ["HC", "TLE"]), "bootstrap": 0,
+                                "slice_spec": SliceSpec().__dict__,
+                                "weights": {"source": "stand-in", "sha256": "0" * 64, "weights": "-", "verified": True}},
+                        "n_volumes": {"synthetic": 12, "real": 12}, "real_split": "test"}}
+    html = render("r", [_fid_section(metrics, tmp_path)])
+    assert "FID and KID (per image)" in html and "the 2D images themselves (axis `image`)" in html
+    assert "three axes" not in html and "3 axes" not in html
+
+
+def test_report_lists_controlnet_with_its_base_sha256(tmp_path):
+    """The provenance table lists controlnet.pt and the base ldm.pt (path, sha256) it records."""
+    from medldm.diffusion.controlnet import save_controlnet
+    from medldm.provenance import sha256_file
+    from medldm.report.page import _provenance_section, render
+
+    path = tmp_path / "controlnet" / "edges" / "controlnet.pt"
+    save_controlnet(path, model_state={}, ema_state={}, settings={"maps": "label"}, base_path="results/ldm/demo/ldm.pt",
+                    base_sha256="ab" * 32, spatial_dims=2, in_channels=3, embedding=[8], label_names=["bg", "fg"],
+                    step=5, selection={}, provenance={})
+    inputs = {"manifest": str(tmp_path / "none.tsv"), "controlnet": {"edges": {"model": str(path), "ldm": "demo"}}}
+    html = render("r", [_provenance_section(inputs, {})])
+    assert "controlnet edges" in html and sha256_file(path) in html
+    assert "controlnet edges: its base, ldm demo" in html and "results/ldm/demo/ldm.pt" in html and "ab" * 32 in html
+
+
+def test_a_controlnet_run_gives_the_report_its_controlnet(tmp_path):
+    """With controlnets in the config, the report job reads each controlnet.pt (an input, and in --inputs)."""
+    from tests.test_controlnet_workflow import controlnet_config
+
+    out = run_snakemake(tmp_path, "-n", "-p", "report", config=controlnet_config()).stdout
+    job = [b for b in out.split("\n\n") if "rule report:" in b]
+    assert len(job) == 1 and "results/controlnet/edges/controlnet.pt" in job[0].split("output:")[0], job
+    assert '"controlnet": {"edges": {"ldm": "demo", "model": "results/controlnet/edges/controlnet.pt"' in job[0], job
