@@ -47,7 +47,7 @@ def ldm_settings(config_path: Path, name: str | None) -> dict:
 
 def write_latents(path: Path, n: int, shape, classes) -> None:
     rng = np.random.default_rng(0)
-    header = Header(np.eye(4), (16, 16, 16), classes, [], {}, scale_factor=1.0, vae_sha256="")
+    header = Header(np.eye(4), tuple(4 * size for size in shape[1:]), classes, [], {}, scale_factor=1.0, vae_sha256="")
     with create_latents(path, n, shape, header) as writer:
         for i in range(n):
             writer.append(f"b{i}", i % len(classes), "train", mu=rng.normal(size=shape).astype(np.float32),

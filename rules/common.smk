@@ -17,7 +17,7 @@ from snakemake.utils import validate
 
 from medldm.data.demo import sheet_rows as demo_sheet_rows
 from medldm.errors import InputError
-from medldm.data.prepare import intensity_model
+from medldm.data.prepare import input_dims, intensity_model
 from medldm.resources import gpus_requested
 from medldm.data.samplesheet import check_samples, read_table, resolve_splits, with_channel_columns
 
@@ -64,14 +64,27 @@ SLICES = config["prepare"].get("slices")
 
 
 def check_spatial_dims():
-    """2D (spatial_dims 2) images are slices of the 3D inputs (prepare.slices); every autoencoder
+    """2D (spatial_dims 2) images are the 2D inputs themselves, or slices of 3D inputs
+    (prepare.slices); prepare.spacing and shape have one entry per input axis; every autoencoder
     follows spatial_dims; DiT3D is 3D only."""
-    if SPATIAL_DIMS == 2 and not SLICES:
-        raise WorkflowError("config: spatial_dims is 2 but prepare.slices is not set: set prepare.slices: "
-                            "{axis: axial, n: <slices per subject>} to draw 2D slices from the 3D inputs")
     if SPATIAL_DIMS == 3 and SLICES:
         raise WorkflowError("config: prepare.slices is set but spatial_dims is 3: set spatial_dims: 2 for "
                             "2D slices, or remove prepare.slices")
+    planar = SPATIAL_DIMS == 2 and not SLICES  # the sample sheet's files are 2D images
+    for key in ("spacing", "shape"):
+        given = config["prepare"][key]
+        if planar and len(given) != 2:
+            raise WorkflowError(
+                f"config: spatial_dims is 2 but prepare.slices is not set, so the sample sheet's images are 2D "
+                f"(NIfTI, PNG or TIFF), and prepare.{key} {given} has {len(given)} entries: give one per image "
+                "axis (e.g. spacing: [1, 1], shape: [128, 128]); or set prepare.slices: {axis: axial, n: "
+                "<slices per subject>} to draw 2D slices from 3D inputs")
+        if not planar and len(given) != 3:
+            raise WorkflowError(f"config: prepare.{key} {given} has {len(given)} entries but the inputs are 3D volumes "
+                                f"(spatial_dims 3, or prepare.slices set): give 3, one per voxel axis")
+    if "pixel_spacing" in config["prepare"] and not planar:
+        raise WorkflowError("config: prepare.pixel_spacing is the pixel size of PNG/TIFF inputs, read only with "
+                            "spatial_dims 2 and no prepare.slices: remove it")
     for entry in config["vae"].values():
         entry.setdefault("model", {})["spatial_dims"] = SPATIAL_DIMS
     for name, entry in config["ldm"].items():
@@ -156,6 +169,28 @@ def load_samples():
 
 SAMPLES, HAS_LABELS = load_samples()
 SUBJECTS = SAMPLES["subject_id"].tolist()
+
+
+def check_input_dims():
+    """The first subject's image against spatial_dims and prepare.slices, from its header, before
+    any job (a mismatch is a config mistake; preparation checks every file)."""
+    if DEMO:
+        return
+    expected = 2 if SPATIAL_DIMS == 2 and not SLICES else 3
+    path = SAMPLES["image"].iloc[0]
+    found = input_dims(path)
+    if found is None or found == expected:
+        return
+    if expected == 2:
+        raise WorkflowError(f"sample sheet {SAMPLE_SHEET}: {path} is a 3D volume, but spatial_dims is 2 without "
+                            "prepare.slices, which reads 2D images: set prepare.slices (and 3-entry "
+                            "prepare.spacing and shape) to draw 2D slices from volumes, or give 2D images")
+    raise WorkflowError(f"sample sheet {SAMPLE_SHEET}: {path} is a 2D image, but the inputs must be 3D volumes "
+                        f"(spatial_dims {SPATIAL_DIMS}{', prepare.slices set' if SLICES else ''}): set "
+                        "spatial_dims: 2 with 2-entry prepare.spacing and shape (and no prepare.slices) for 2D images")
+
+
+check_input_dims()
 HAS_MASKS = bool((SAMPLES["mask"] != "").all())
 LABEL_VALUES = config.get("label_values") or list(range(len(config["labels"])))
 if len(LABEL_VALUES) != len(config["labels"]):
@@ -800,6 +835,12 @@ def report_index():
             index["sample_sets"][name]["segmentation"] = f"{evaluation}/segmentation.json"
     if SEGMENTATION:
         index["segmenter"] = f"{SEGMENTER_DIR}/segmenter.json"
+    if config["controlnet"]:  # only then: other runs' report params stay as they were
+        index["controlnet"] = {
+            name: {"model": f"{RESULTS}/controlnet/{name}/controlnet.pt", "ldm": entry["ldm"],
+                   "run_dir": f"{RESULTS}/runs/controlnet/{name}"}
+            for name, entry in config["controlnet"].items()
+        }
     return index
 
 
@@ -809,8 +850,8 @@ def report_inputs():
     files = {"manifest": index["manifest"], "fid_weights": index["fid_weights"]}
     if "segmenter" in index:
         files["segmenter"] = index["segmenter"]
-    for kind in ("vae", "ldm"):
-        for name, entry in index[kind].items():
+    for kind in ("vae", "ldm", "controlnet"):
+        for name, entry in index.get(kind, {}).items():
             files[f"{kind}_{name}"] = entry["model"]
             if kind == "vae":
                 files[f"reconstruction_{name}"] = entry["reconstruction"]

@@ -3,7 +3,9 @@
 + inpainting mask, both nearest neighbour on the image's grid). A multi-channel subject (--channel
 for each further channel, --channel-names for all) is written as one 4D NIfTI (X, Y, Z, C).
 With ``slices`` in the settings (2D mode) the prepared volume is cut into that many 2D slices,
-one file per slice and output (--out-image etc. take one path per slice, in slice order)."""
+one file per slice and output (--out-image etc. take one path per slice, in slice order).
+With 2-entry spacing and shape (2D mode without slices) the inputs are 2D images (NIfTI, PNG or
+TIFF) and the outputs 2D NIfTI."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from medldm.settings import load_settings
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--image", required=True, help="input NIfTI image")
+    parser.add_argument("--image", required=True, help="input NIfTI image (2D: also PNG or TIFF)")
     parser.add_argument("--label", default="", help="input NIfTI label map (optional)")
     parser.add_argument("--settings", required=True,
                         help="the config's `prepare` section as JSON, or a YAML/JSON file")
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
         spacing=settings["spacing"], shape=settings["shape"], percentiles=settings["percentiles"],
         foreground_threshold=settings["foreground_threshold"], label_values=label_values,
         intensity=settings.get("intensity"), mask_path=args.mask or None, channel_paths=args.channel,
+        pixel_spacing=settings.get("pixel_spacing"),
     )
     names = [n for n in args.channel_names.split(",") if n]
     if args.channel and len(names) != 1 + len(args.channel):
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
             part, affine = (data, prepared.affine) if index is None else take_slice(
                 data, prepared.affine, slices["axis"], index)
             save_nifti(path, part, affine)
-    kept = [a for a in range(3) if not slices or a != SLICE_AXES[slices["axis"]]]  # the files' voxel axes
+    kept = [a for a in range(len(settings["spacing"]))  # the files' voxel axes
+            if not slices or a != SLICE_AXES[slices["axis"]]]
     write_json(args.out_info, {
         "shape": [prepared.image.shape[a] for a in kept],
         "spacing": [float(settings["spacing"][a]) for a in kept],

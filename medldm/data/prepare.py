@@ -15,6 +15,10 @@ Multi-channel subjects (config ``image_channels``): the first channel's image dr
 the foreground and the crop; every other channel must share its input geometry (shape and
 affine), is resampled and cropped the same way, and is normalised on its own (``mri``: its own
 percentiles within the first channel's foreground; ``ct``/``fixed``: the same window).
+
+2D inputs (``spacing`` and ``shape`` with two entries, config ``spatial_dims: 2`` without
+``prepare.slices``): 2D NIfTI, PNG or TIFF (see :class:`Reader`), prepared by the same steps as a
+one-voxel-thick slab and returned as (X, Y) arrays; images of any size come out on one grid.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ CT_BODY_HU = -500.0  # air and the field of view's fill lie below, every tissue 
 
 @dataclass
 class Prepared:
-    image: np.ndarray  # (X, Y, Z) float32 in [0, 1]
+    image: np.ndarray  # (X, Y, Z), or (X, Y) for 2D inputs, float32 in [0, 1]
     label: np.ndarray | None  # (X, Y, Z) uint8, values 0..L-1
     affine: np.ndarray  # (4, 4) voxel -> world (RAS mm) of the prepared grid
     p_low: float  # input intensities mapped to 0 and 1 (percentiles, or the window)
@@ -88,31 +92,127 @@ def intensity_model(settings: dict | None) -> IntensityModel:
     return IntensityModel(name, (low, high))
 
 
-def load_nifti_3d(path: str | Path, what: str = "image") -> nib.Nifti1Image:
-    """Load a NIfTI file and check it is a finite 3D volume (a trailing singleton axis is dropped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{what} file {path} does not exist")
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as err:  # nibabel raises many types for corrupt files
-        raise InputError(f"{path}: cannot read as NIfTI ({err})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        hint = (": 2D images are not read directly; give the 3D volumes and set spatial_dims: 2 with "
-                "prepare.slices to draw 2D slices from them") if data.ndim == 2 else ""
-        raise InputError(f"{path}: {what} must be a 3D volume, found shape {data.shape} ({data.ndim}D){hint}")
-    if not np.all(np.isfinite(data)):
-        raise InputError(f"{path}: {what} contains NaN or infinite values")
-    return nib.Nifti1Image(data, img.affine)
+PLANAR_SUFFIXES = (".png", ".tif", ".tiff")  # 2D image files without geometry (read with Pillow)
+
+
+@dataclass(frozen=True)
+class Reader:
+    """How input files are read. 3D: NIfTI volumes. 2D (``spatial_dims`` 2): 2D NIfTI (also 3D with
+    one singleton axis), PNG or TIFF, each held as a one-voxel slab (X, Y, 1) so that every step
+    after loading is the 3D one; PNG/TIFF get a diagonal affine of ``pixel_spacing`` mm."""
+
+    spatial_dims: int = 3
+    pixel_spacing: tuple[float, float] = (1.0, 1.0)
+
+    def load(self, path: str | Path, what: str = "image") -> nib.Nifti1Image:
+        """A finite image of ``spatial_dims`` dimensions (a trailing singleton 4th axis is dropped)."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{what} file {path} does not exist")
+        if path.suffix.lower() in PLANAR_SUFFIXES:
+            data, affine = read_planar(path, what), np.diag([*map(float, self.pixel_spacing), 1.0, 1.0])
+        else:
+            try:
+                img = nib.load(str(path))
+                data, affine = np.asanyarray(img.dataobj), img.affine
+            except Exception as err:  # nibabel raises many types for corrupt files
+                raise InputError(f"{path}: cannot read as NIfTI ({err})") from None
+            if data.ndim == 4 and data.shape[3] == 1:
+                data = data[..., 0]
+        data, affine = self._checked_dims(data, affine, path, what)
+        if not np.all(np.isfinite(data)):
+            raise InputError(f"{path}: {what} contains NaN or infinite values")
+        return nib.Nifti1Image(data, affine)
+
+    def _checked_dims(self, data, affine, path, what):
+        flat = [a for a in range(data.ndim) if data.shape[a] == 1]
+        planar = data.ndim == 2 or (data.ndim == 3 and len(flat) == 1)
+        if self.spatial_dims == 3 and data.ndim == 3 and not planar:
+            return data, affine
+        if self.spatial_dims == 2 and planar:
+            if data.ndim == 2:
+                return data[..., None], affine
+            order = [a for a in range(3) if a != flat[0]] + flat  # the singleton axis last
+            out = affine.copy()
+            out[:3, :3] = affine[:3, order]
+            return np.transpose(data, order), out
+        found = f"found shape {data.shape}"
+        if self.spatial_dims == 3:
+            hint = (": set spatial_dims: 2 with 2-entry prepare.spacing and prepare.shape to prepare 2D images, "
+                    "or give 3D volumes (prepare.slices draws 2D slices from them)" if planar else "")
+            raise InputError(f"{path}: {what} must be a 3D volume, {found} ({'2D' if planar else f'{data.ndim}D'})"
+                             f"{hint}")
+        hint = (": with spatial_dims 2, give 2D images, or draw 2D slices from 3D volumes with prepare.slices "
+                "(and 3-entry prepare.spacing and prepare.shape)" if data.ndim == 3 else "")
+        raise InputError(f"{path}: {what} must be a 2D image (spatial_dims is 2), {found}{hint}")
+
+    def ras(self, img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`to_ras`; a 2D image keeps its slab axis last (its two image axes in RAS order)."""
+        data, affine = to_ras(img)
+        if self.spatial_dims == 2:
+            slab = int(nib.io_orientation(img.affine)[2, 0])  # where the input's third axis went
+            order = [a for a in range(3) if a != slab] + [slab]
+            affine = affine.copy()
+            affine[:3, :3] = affine[:3, order]
+            data = np.transpose(data, order)
+        return data, affine
+
+    def image_axes(self, array: np.ndarray) -> np.ndarray:
+        """A prepared array without the slab axis of a 2D image."""
+        return array.reshape(array.shape[:self.spatial_dims])
+
+    def grid(self, spacing, shape, affine) -> tuple[list[float], list[int]]:
+        """``prepare.spacing`` and ``shape`` (one entry per image axis) on the 3D grid: a 2D slab
+        keeps its one voxel at its own thickness."""
+        if len(spacing) != self.spatial_dims or len(shape) != self.spatial_dims:
+            raise InputError(f"prepare.spacing {list(spacing)} and prepare.shape {list(shape)} need "
+                             f"{self.spatial_dims} entries each, one per image axis (spatial_dims {self.spatial_dims})")
+        if self.spatial_dims == 3:
+            return list(spacing), list(shape)
+        thickness = float(np.sqrt((affine[:3, 2] ** 2).sum()))
+        return [*spacing, thickness], [*shape, 1]
 
 
 def to_ras(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
     """Reorder and flip axes to the closest RAS orientation (no resampling)."""
     canonical = nib.as_closest_canonical(img)
     return np.asanyarray(canonical.dataobj), canonical.affine
+
+
+def input_dims(path: str | Path) -> int | None:
+    """2 or 3: the spatial dimensions of an input file from its header alone (a singleton axis
+    makes a NIfTI 2D), or None when unreadable (preparation then names the problem)."""
+    try:
+        if Path(path).suffix.lower() in PLANAR_SUFFIXES:
+            return 2
+        shape = [n for n in nib.load(str(path)).shape if n > 1]
+    except Exception:  # unreadable here: prepare_subject reports it with the file's name
+        return None
+    return len(shape)
+
+
+def read_planar(path: Path, what: str) -> np.ndarray:
+    """A grayscale PNG or TIFF as an (X, Y) array: the first axis left to right, the second bottom
+    to top (the inverse of :func:`medldm.io.save_png`). RGB(A) is read only when its colour channels
+    are equal (grayscale stored as colour) and it is opaque; colour images are refused."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            if getattr(img, "n_frames", 1) > 1:
+                raise InputError(f"{path}: {what} has {img.n_frames} pages (a stack); a 2D image has one")
+            gray = img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;16")
+            pixels = np.asarray(img if gray else img.convert("RGBA"))
+    except (OSError, UnidentifiedImageError) as err:
+        raise InputError(f"{path}: cannot read as PNG/TIFF ({err})") from None
+    if pixels.ndim == 3:
+        if (pixels[..., 3] != 255).any():
+            raise InputError(f"{path}: {what} has transparent pixels; save it without an alpha channel")
+        if not ((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all()):
+            raise InputError(f"{path}: {what} is a colour image; medical images are read as one grayscale "
+                             "channel: convert it to grayscale (e.g. PIL's .convert('L')) first")
+        pixels = pixels[..., 0]
+    return np.rot90(pixels.astype(np.float32), -1)
 
 
 def resample(data: np.ndarray, affine: np.ndarray, spacing, order: int) -> tuple[np.ndarray, np.ndarray]:
@@ -195,15 +295,27 @@ def warn_if_ct_like(data: np.ndarray, path) -> None:
                     "become 0): set prepare.intensity: {model: ct, window: ...}", path, lowest)
 
 
+def warn_if_cut(before: int, kept: int, path, spacing, shape) -> None:
+    """Cropping to prepare.shape that cuts more than 1 % of the foreground (e.g. a larger image
+    among mixed sizes): say so, naming the file."""
+    if kept < 0.99 * before:
+        log.warning("%s: %.0f%% of the foreground lies outside prepare.shape %s at spacing %s mm and is cut off: "
+                    "raise prepare.shape or prepare.spacing", path, 100 * (1 - kept / before), list(shape), list(spacing))
+
+
 def prepare_subject(image_path, label_path, *, spacing, shape, percentiles, foreground_threshold,
                     label_values: list[int] | None = None, intensity: dict | None = None,
-                    mask_path=None, channel_paths=()) -> Prepared:
+                    mask_path=None, channel_paths=(), pixel_spacing=None) -> Prepared:
     """The whole preparation of one subject (see the module docstring); an inpainting mask
     (``mask_path``) goes through the label map's path: nearest neighbour, same crop.
-    ``channel_paths``: the subject's further image channels, prepared on the first's grid."""
+    ``channel_paths``: the subject's further image channels, prepared on the first's grid.
+    ``spacing`` and ``shape`` with 2 entries: 2D inputs (see :class:`Reader`; ``pixel_spacing``
+    in mm of PNG/TIFF pixels, default 1), prepared as one-voxel slabs and returned 2D."""
     model = intensity_model(intensity)
-    img = load_nifti_3d(image_path, "image")
-    data, affine = to_ras(img)
+    reader = Reader(len(spacing), tuple(pixel_spacing or (1.0, 1.0)))
+    img = reader.load(image_path, "image")
+    data, affine = reader.ras(img)
+    spacing, shape = reader.grid(spacing, shape, affine)
     if np.ptp(data) == 0:
         raise InputError(f"{image_path}: image is constant ({data.flat[0]}); nothing to prepare")
     if model.name == "mri":
@@ -222,21 +334,34 @@ def prepare_subject(image_path, label_path, *, spacing, shape, percentiles, fore
         raise InputError(f"{image_path}: no foreground found {where}")
     centre = np.argwhere(mask).mean(axis=0)
     image, out_affine = crop_or_pad(image, new_affine, centre, shape)
+    foreground = int(mask.sum())
     mask, _ = crop_or_pad(mask, new_affine, centre, shape)
+    warn_if_cut(foreground, int(mask.sum()), image_path, spacing[:reader.spatial_dims], shape[:reader.spatial_dims])
     if model.name == "mri":
         image, lo, hi = normalise(image, mask, percentiles)
     label = inpaint = None
     if label_path:
-        label = _prepare_label(Path(label_path), img, spacing, new_affine, centre, shape, label_values)
+        label = _prepare_label(Path(label_path), reader, img, spacing, new_affine, centre, shape, label_values)
     if mask_path:
-        inpaint = _prepare_mask(Path(mask_path), img, spacing, new_affine, centre, shape)
-        check_prepared_mask(inpaint, mask, mask_path)
+        inpaint = _prepare_mask(Path(mask_path), reader, img, spacing, new_affine, centre, shape)
+        check_prepared_mask(*(reader.image_axes(m) for m in (inpaint, mask)), mask_path)
     prepared = Prepared(image, label, out_affine, lo, hi, inpaint)
     if channel_paths:
-        grid = _ChannelGrid(img, image_path, model, spacing, centre, shape, mask, percentiles)
+        grid = _ChannelGrid(reader, img, image_path, model, spacing, centre, shape, mask, percentiles)
         others = [grid.prepare(Path(path)) for path in channel_paths]
         prepared.channels = [image, *(channel for channel, _ in others)]
         prepared.channel_range = [(lo, hi), *(bounds for _, bounds in others)]
+    return flattened(prepared) if reader.spatial_dims == 2 else prepared
+
+
+def flattened(prepared: Prepared) -> Prepared:
+    """A 2D subject's arrays without their slab axis: (X, Y, 1) -> (X, Y); the affine keeps it."""
+    def flat(array):
+        return None if array is None else array[..., 0]
+
+    prepared.image, prepared.label, prepared.mask = flat(prepared.image), flat(prepared.label), flat(prepared.mask)
+    if prepared.channels is not None:
+        prepared.channels = [flat(channel) for channel in prepared.channels]
     return prepared
 
 
@@ -274,6 +399,7 @@ def take_slice(data: np.ndarray, affine: np.ndarray, axis: str, index: int) -> t
 class _ChannelGrid:
     """The first channel's grid and foreground, on which the further channels are prepared."""
 
+    reader: Reader
     img: nib.Nifti1Image  # the first channel as loaded
     path: str | Path
     model: IntensityModel
@@ -285,14 +411,14 @@ class _ChannelGrid:
 
     def prepare(self, path: Path) -> tuple[np.ndarray, tuple[float, float]]:
         """One further channel: checked, resampled, cropped, normalised on its own."""
-        channel = load_nifti_3d(path, "image channel")
+        channel = self.reader.load(path, "image channel")
         if channel.shape != self.img.shape or not np.allclose(channel.affine, self.img.affine, atol=1e-3):
             raise InputError(
                 f"{path}: image channel geometry (shape {channel.shape}) differs from the subject's first channel "
                 f"{self.path} (shape {self.img.shape}, or another affine); image_channels must be co-registered "
                 "on one grid: resample it onto the first channel's grid"
             )
-        data, affine = to_ras(channel)
+        data, affine = self.reader.ras(channel)
         if self.model.name == "mri":
             resampled, _ = resample(data, affine, self.spacing, order=1)
         else:
@@ -304,11 +430,11 @@ class _ChannelGrid:
         return out, (lo, hi)
 
 
-def _prepare_label(path: Path, img, spacing, image_affine, centre, shape, label_values) -> np.ndarray:
-    lab = load_nifti_3d(path, "label map")
+def _prepare_label(path: Path, reader: Reader, img, spacing, image_affine, centre, shape, label_values) -> np.ndarray:
+    lab = reader.load(path, "label map")
     if lab.shape != img.shape or not np.allclose(lab.affine, img.affine, atol=1e-3):
         raise InputError(f"{path}: label map geometry {lab.shape} does not match its image {img.shape}")
-    data, affine = to_ras(lab)
+    data, affine = reader.ras(lab)
     if not np.allclose(data, np.round(data)):
         raise InputError(f"{path}: label map has non-integer values")
     data = remap_labels(np.round(data).astype(np.int64), label_values, path)
@@ -319,11 +445,11 @@ def _prepare_label(path: Path, img, spacing, image_affine, centre, shape, label_
     return out
 
 
-def _prepare_mask(path: Path, img, spacing, image_affine, centre, shape) -> np.ndarray:
+def _prepare_mask(path: Path, reader: Reader, img, spacing, image_affine, centre, shape) -> np.ndarray:
     """An inpainting mask checked against its image, then resampled (nearest) and cropped like it."""
-    raw = load_nifti_3d(path, "mask")
+    raw = reader.load(path, "mask")
     check_mask_input(np.asanyarray(raw.dataobj), raw.affine, img.shape, img.affine, path)
-    data, affine = to_ras(raw)
+    data, affine = reader.ras(raw)
     resampled, mask_affine = resample(np.asarray(data, np.float32), affine, spacing, order=0)
     out, _ = crop_or_pad(np.round(resampled).astype(np.uint8), mask_affine, centre, shape)
     return out

@@ -251,8 +251,10 @@ class Trainer:
                                            spatial_dims=len(self.latent_shape) - 1)
         self.model.to(self.device)
         self.ema = EMA(self.model, cfg["ema_decay"])
+        # foreach: one fused update of all tensors; torch picks it on GPUs only, and on CPU it pays
+        # for the EMA and clipping (2D benchmark: 7 vs 11 ms per step, benchmarks/bench_ldm2d.py)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"],
-                                           weight_decay=cfg["weight_decay"])
+                                           weight_decay=cfg["weight_decay"], foreach=True)
         self._schedule(cfg["steps"])
         if is_main_process():
             claim_run_dir(self.run_dir, run_key(self.settings, self.latents_sha256))

@@ -230,7 +230,8 @@ def _montages_per_class(section: Section, figures: Path, stem: str, images, clas
         if len(rows):
             path = figures / f"{stem}_{name}.png"
             save_montage(path, [np.asarray(images[i]) for i in rows], [titles[i] for i in rows])
-            section.figure(path, f"{what}, class {name}: mid-slices on three axes")
+            shown = "images" if np.asarray(images[rows[0]]).ndim == 2 else "mid-slices on three axes"
+            section.figure(path, f"{what}, class {name}: {shown}")
 
 
 FID_COMPARED = {"samples": "sample set", "real_train": "real training subjects (perfect generator)",
@@ -281,16 +282,19 @@ def _fid_floor_rows(metrics: dict[str, dict]) -> list[dict]:
 
 
 def _fid_section(metrics: dict[str, dict], figures: Path) -> Section:
-    section = Section("FID and KID (per-slice, three axes)")
     first = next(iter(metrics.values()))
     fid, spec, weights = first["fid"], first["fid"]["slice_spec"], first["fid"]["weights"]
     axes = fid_axes(fid["rows"])
+    planar = axes == ("image",)  # 2D images: FID on the images themselves, one "axis"
+    section = Section("FID and KID (per image)" if planar else "FID and KID (per-slice, three axes)")
     every = f"{spec['slices_per_volume']} evenly spaced" if spec["slices_per_volume"] else "all"
-    section.text(f"pytorch-fid InceptionV3, {fid['dims']}-d features of 8-bit slices repeated to 3 channels: {every} "
-                 f"slices of the central {spec['central_fraction']:.0%} of each axis, slices with less than "
+    drawn = ("the 2D images themselves (axis `image`)" if planar else
+             f"{every} slices of the central {spec['central_fraction']:.0%} of each axis")
+    section.text(f"pytorch-fid InceptionV3, {fid['dims']}-d features of 8-bit {'images' if planar else 'slices'} "
+                 f"repeated to 3 channels: {drawn}, {'images' if planar else 'slices'} with less than "
                  f"{spec['min_foreground']:.0%} of pixels above {spec['empty_threshold']} dropped. Weights: "
                  f"{weights['source']} (sha256 {weights['sha256'][:12]}). Real reference: the {first['real_split']} "
-                 f"split ({first['n_volumes']['real']} volumes).")
+                 f"split ({first['n_volumes']['real']} {'images' if planar else 'volumes'}).")
     if not weights.get("verified"):
         section.text("The Inception weights are not pytorch-fid's published ones (evaluate.fid.allow_unverified): "
                      "these FID and KID values are not comparable with any published figure.", css="warn")
@@ -306,7 +310,8 @@ def _fid_section(metrics: dict[str, dict], figures: Path) -> Section:
                  "which raises FID, so the intervals lie mostly above the estimate: read them as spread, and "
                  "compare sets only through overlapping or separated intervals.")
     section.html(table(_fid_floor_rows(metrics), [("set", "sample set"), ("compared", "compared with reference"),
-                                                  ("volumes", "volumes"), ("slices", "slices (3 axes)"),
+                                                  ("volumes", "images" if planar else "volumes"),
+                                                  ("slices", "images" if planar else "slices (3 axes)"),
                                                   *[(a, f"FID {a}") for a in (*axes, "mean")], ("flag", "flag")]))
     rows = [{"set": name, **r} for name, m in metrics.items() for r in m["fid"]["rows"]]
     columns = [("set", "sample set"), ("group", "group"), ("axis", "axis"), ("fid", "FID"),
@@ -332,7 +337,8 @@ def _msssim_section(metrics: dict[str, dict], recon: dict[str, dict], figures: P
                 for name, m in metrics.items() for kind in ("synthetic", "real")
                 for group, s in m["msssim"][kind].items()]
         kernel = next(iter(metrics.values()))["msssim"]
-        section.text(f"MS-SSIM among pairs of volumes (3D, kernel {kernel['kernel_size']}, "
+        pairs = "images (2D" if fid_axes(next(iter(metrics.values()))["fid"]["rows"]) == ("image",) else "volumes (3D"
+        section.text(f"MS-SSIM among pairs of {pairs}, kernel {kernel['kernel_size']}, "
                      f"{len(kernel['scale_weights'])} scales); lower means more diverse. Synthetic pairs should "
                      "be about as diverse as real pairs: much higher suggests mode collapse.")
         section.html(table(rows, [("set", "sample set"), ("kind", "pairs of"), ("group", "group"),
@@ -628,7 +634,7 @@ def _reconstruction_montage(section: Section, figures: Path, name: str, path, te
 
 def _training_section(inputs: dict, test, figures: Path) -> Section:
     section = Section("Training curves")
-    for kind, what in (("vae", "Autoencoder"), ("ldm", "Diffusion model")):
+    for kind, what in (("vae", "Autoencoder"), ("ldm", "Diffusion model"), ("controlnet", "ControlNet")):
         for name, m in inputs.get(kind, {}).items():
             if "run_dir" in m and not m["run_dir"]:  # an imported autoencoder (vae.<name>.pretrained)
                 section.text(f"{what} {name}: imported, not trained by this workflow")
@@ -656,6 +662,7 @@ def _provenance_section(inputs: dict, config: dict) -> Section:
     hashed |= {f"ldm {n}": v["model"] for n, v in inputs.get("ldm", {}).items()}
     hashed |= {f"sample set {n}": s["volumes"] for n, s in inputs.get("sample_sets", {}).items()}
     rows = [{"what": k, "path": str(p), "sha256": sha256_file(p)} for k, p in hashed.items() if Path(p).is_file()]
+    rows += _controlnet_rows(inputs.get("controlnet", {}))
     weights = _load_json(inputs.get("fid_weights"))
     if weights:
         rows.append({"what": f"FID weights ({weights['source']})", "path": weights["weights"],
@@ -666,6 +673,23 @@ def _provenance_section(inputs: dict, config: dict) -> Section:
     return section
 
 
+def _controlnet_rows(controlnets: dict[str, dict]) -> list[dict]:
+    """Each controlnet.pt and, below it, the base ldm.pt it was trained on, by the sha256 it records."""
+    from medldm.checkpoint import load_model_file
+    from medldm.diffusion.controlnet import FORMAT, VERSION
+    from medldm.provenance import sha256_file
+
+    rows = []
+    for name, entry in controlnets.items():
+        if not Path(entry["model"]).is_file():
+            continue
+        record = load_model_file(entry["model"], ("format", FORMAT), VERSION, "train_controlnet")
+        rows += [{"what": f"controlnet {name}", "path": str(entry["model"]), "sha256": sha256_file(entry["model"])},
+                 {"what": f"controlnet {name}: its base, ldm {entry['ldm']}", "path": record["base"],
+                  "sha256": record["base_sha256"]}]
+    return rows
+
+
 def build_report(inputs: dict, config: dict, figures: str | os.PathLike, montage_volumes: int = 4) -> str:
     """The whole report page; figures are written to ``figures`` as PNG and embedded.
 
@@ -674,7 +698,8 @@ def build_report(inputs: dict, config: dict, figures: str | os.PathLike, montage
     {name: {ldm, volumes, metrics, classifier (JSON or None), saliency (PNGs of its arms, maybe empty),
     inpainting (in-mask scores JSON of an inpaint set, or None), segmentation (its Dice JSON, or None),
     label_maps (label fractions JSON of a label-map generator's set; absent otherwise)}},
-    segmenter (the real segmenter's test scores JSON; absent without the segmentation evaluation)}.
+    segmenter (the real segmenter's test scores JSON; absent without the segmentation evaluation),
+    controlnet: {name: {model (controlnet.pt), ldm (its base's name), run_dir}} (absent without controlnets)}.
     """
     from medldm.data.cohort import load_prepared
 
