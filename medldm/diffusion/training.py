@@ -252,7 +252,7 @@ class Trainer:
         self.model.to(self.device)
         self.ema = EMA(self.model, cfg["ema_decay"])
         # foreach: one fused update of all tensors; torch picks it on GPUs only, and on CPU it pays
-        # for the EMA and clipping (2D benchmark: 7 vs 11 ms per step, benchmarks/bench_ldm2d.py)
+        # for the EMA and clipping (2D benchmark: 7 vs 11 ms per step, benchmarks/bench_ldm.py)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"],
                                            weight_decay=cfg["weight_decay"], foreach=True)
         self._schedule(cfg["steps"])
