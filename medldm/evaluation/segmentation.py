@@ -51,6 +51,13 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.images)
 
+    def in_memory(self, limit_mb: float = 256) -> Pairs:
+        """These pairs read into arrays once, when they fit in ``limit_mb`` (training draws every
+        pair many times); else themselves, read when indexed."""
+        if len(self) * np.asarray(self.images[0]).nbytes * 1.25 > limit_mb * 2**20:
+            return self
+        return Pairs(self.images[:], self.labels[:], self.subject_ids)
+
     @property
     def spatial_dims(self) -> int:
         return np.ndim(self.images[0])
@@ -101,6 +108,7 @@ def train_segmenter(data: Pairs, settings: dict, n_labels: int, device: torch.de
     if not len(data):
         raise InputError(f"{desc}: no (image, label map) pairs to train on")
     seed_everything(seed)
+    data = data.in_memory()
     model = build_segmenter(settings, n_labels, data.spatial_dims).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.get("lr", 1e-3),
                                   weight_decay=settings.get("weight_decay", 1e-5))
