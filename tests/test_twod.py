@@ -191,28 +191,42 @@ def test_2d_vae_refuses_3d_data():
 
 
 def test_tiny_2d_chain_end_to_end(tmp_path, test_config):
-    """config/test.yaml in 2D (2 axial slices per subject): every stage runs; latents are
-    (N, C, h, w), decoded images 2D NIfTI and PNG, FID on the images themselves."""
+    """config/test.yaml in 2D (2 axial slices per subject), with a ControlNet on tissue contours:
+    every stage runs; latents are (N, C, h, w), decoded images 2D NIfTI and PNG, FID on the images
+    themselves; the ControlNet set carries its 2D condition maps and a 2D segmenter scores its
+    adherence; the base ldm.pt is the file the ControlNet was trained on."""
     import h5py
+    import torch
 
+    from medldm.provenance import sha256_file
     from tests.conftest import run_snakemake
 
     test_config["spatial_dims"] = 2
     test_config["prepare"]["slices"] = {"axis": "axial", "n": 2, "central_fraction": 0.5}
     test_config["vae"]["demo"]["paired_labels"] = False
-    test_config["evaluate"]["segmentation"] = {"enabled": False}
+    test_config["controlnet"] = {"edges": {"ldm": "demo", "maps": "label", "transform": "contour",
+                                           "train": {"steps": 4, "batch_size": 4, "val_every": 2, "checkpoint_every": 2}}}
+    test_config["sample_sets"] = {"steered": {"controlnet": "edges", "conditions": {"from": "test"}, "sampler": "rflow",
+                                              "steps": 4, "batch_size": 4}}  # the base ldm samples inside it
     run_snakemake(tmp_path, "--cores", "2", config=test_config, timeout=1200)
     results = tmp_path / "results"
     with h5py.File(results / "vae" / "demo" / "latents.h5") as f:
         assert f["mu"].shape == (16, 2, 8, 8) and list(f.attrs["grid_shape"]) == [16, 16]
         assert [s.decode() for s in f["subject_id"][:2]] == ["demo000-s0", "demo000-s1"]
-    with h5py.File(results / "synthetic" / "demo" / "demo" / "volumes.h5") as f:
-        assert f["image"].shape == (4, 16, 16)
-    synthetic = results / "synthetic" / "demo" / "demo" / "nifti"
-    assert len(list(synthetic.glob("*/image.png"))) == 4
+    test_slices = 4  # 2 test subjects x 2 slices, one image per map
+    with h5py.File(results / "synthetic" / "demo" / "steered" / "volumes.h5") as f:
+        assert f["image"].shape == f["label"].shape == (test_slices, 16, 16)
+    synthetic = results / "synthetic" / "demo" / "steered" / "nifti"
+    assert len(list(synthetic.glob("*/image.png"))) == test_slices
     assert nib.load(next(synthetic.glob("*/image.nii.gz"))).shape == (16, 16)
-    metrics = json.loads((results / "eval" / "synthetic" / "demo" / "demo" / "image_metrics.json").read_text())
+    metrics = json.loads((results / "eval" / "synthetic" / "demo" / "steered" / "image_metrics.json").read_text())
     assert {r["axis"] for r in metrics["fid"]["rows"]} == {"image", "mean"}
+    controlnet = torch.load(results / "controlnet" / "edges" / "controlnet.pt", weights_only=False)
+    assert controlnet["spatial_dims"] == 2 and controlnet["base_sha256"] == sha256_file(results / "ldm" / "demo" / "ldm.pt")
+    adherence = json.loads((results / "eval" / "synthetic" / "demo" / "steered" / "segmentation.json").read_text())
+    assert adherence["adherence"]["kind"] == "adherence"
+    assert np.shape(adherence["adherence"]["per_subject"]) == (test_slices, 3)
+    assert set(adherence["arms"]) == {"real", "synthetic", "real+synthetic"}
     assert (results / "report" / "index.html").is_file()
 
 
@@ -224,3 +238,51 @@ def test_2d_input_file_says_how_to_get_2d(tmp_path):
     save_nifti(tmp_path / "flat.nii.gz", np.ones((16, 16), np.float32), np.eye(4))
     with pytest.raises(InputError, match=r"flat.nii.gz: image must be a 3D volume.*prepare.slices"):
         prepare_subject(tmp_path / "flat.nii.gz", "", **{k: v for k, v in SETTINGS.items() if k != "slices"})
+
+
+class LabelOracle:
+    """A stand-in segmenter for images that encode their label map as label / (L - 1): one-hot logits."""
+
+    def __init__(self, n_labels):
+        self.n_labels = n_labels
+
+    def __call__(self, x):
+        import torch
+
+        labels = (x[:, 0] * (self.n_labels - 1)).round().long()
+        return torch.nn.functional.one_hot(labels, self.n_labels).movedim(-1, 1).float()
+
+
+def test_segmentation_scores_2d_images():
+    """The segmentation evaluation in 2D: a perfect prediction scores Dice 1 on every label, the
+    same maps shifted by two pixels less; the grid (13x18) is not a multiple of the network's 4."""
+    import torch
+
+    from medldm.evaluation import segmentation as seg
+
+    labels = ["background", "CSF", "GM", "WM"]
+    maps = np.zeros((5, 13, 18), np.uint8)
+    for i in range(5):
+        maps[i, 2 + i % 2:11, 3:16] = 1
+        maps[i, 4:9, 5:14 - i] = 2
+        maps[i, 5:8, 7:11] = 3
+    settings = {"channels": [4, 8, 16], "batch_size": 2, "bootstrap": 50}
+    perfect = seg.score(LabelOracle(4), seg.Pairs(maps / 3.0, maps), settings, labels, torch.device("cpu"))
+    shifted = seg.score(LabelOracle(4), seg.Pairs(maps / 3.0, np.roll(maps, 2, axis=2)), settings, labels,
+                        torch.device("cpu"))
+    np.testing.assert_allclose(perfect["per_subject"], 1.0)
+    assert all(shifted["dice"][name]["ci_high"] < 1.0 for name in ("CSF", "GM", "WM", "mean"))
+
+
+def test_a_2d_segmenter_trains_on_2d_pairs():
+    """train_segmenter builds a 2D network for 2D pairs; segment gives (N, X, Y) maps."""
+    import torch
+
+    from medldm.evaluation import segmentation as seg
+
+    rng = np.random.default_rng(0)
+    maps = rng.integers(0, 3, (6, 12, 16)).astype(np.uint8)
+    settings = {"channels": [4, 8], "steps": 2, "batch_size": 2}
+    images = (maps / 2.0).astype(np.float32)
+    model = seg.train_segmenter(seg.Pairs(images, maps), settings, 3, torch.device("cpu"))
+    assert seg.segment(model, images[:3], torch.device("cpu"), settings).shape == (3, 12, 16)

@@ -34,7 +34,7 @@ def load_segmenter(path: Path, labels: list[str], device):
     if payload["labels"] != labels:
         raise InputError(f"{path}: trained for labels {payload['labels']}, the config's `labels` are {labels}; "
                          "rerun train_segmenter")
-    model = seg.build_segmenter(payload["settings"], len(labels))
+    model = seg.build_segmenter(payload["settings"], len(labels), payload.get("spatial_dims", 3))
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), payload
 

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         "subjects": pairs["test"].subject_ids, "n_train": len(pairs["train"])}
     for label, d in test["dice"].items():
         log.info("real test Dice %s: %.3f [%.3f, %.3f]", label, d["mean"], d["ci_low"], d["ci_high"])
-    result = {"labels": labels, "test": test, "settings": settings,
+    result = {"labels": labels, "spatial_dims": pairs["train"].spatial_dims, "test": test, "settings": settings,
               "provenance": provenance(settings, {"manifest": args.manifest})}
     save_torch(args.out_model, {**dict([seg.MODEL_TAG]), "format_version": seg.FORMAT_VERSION,
                                 "state_dict": model.state_dict(), **result})

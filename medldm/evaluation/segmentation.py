@@ -1,5 +1,6 @@
-"""Segmentation evaluation of label-conditioned synthesis: a small 3D MONAI segmenter trained on
-(image, label map) pairs, Dice per label, and percentile bootstrap 95 % intervals.
+"""Segmentation evaluation of label-conditioned synthesis: a small MONAI segmenter (3D, or 2D for
+2D images: the dimension follows the data) trained on (image, label map) pairs, Dice per label,
+and percentile bootstrap 95 % intervals.
 
 Three uses, all with the same network, seed and number of optimiser steps so their numbers
 compare: the ceiling (trained on the real training subjects, scored on the real test subjects);
@@ -36,7 +37,7 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Pairs:
-    """Images (N, X, Y, Z) float32 in [0, 1] and their label maps (N, X, Y, Z) integer 0..L-1,
+    """Images (N, X, Y, Z) or (N, X, Y) float32 in [0, 1] and their label maps of the same shape, integer 0..L-1,
     each an array or a lazy ``cohort.Rows`` (``[rows]`` stacks a batch); the subjects' ids if known."""
 
     images: np.ndarray | Rows
@@ -50,23 +51,35 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.images)
 
+    def in_memory(self, limit_mb: float = 256) -> Pairs:
+        """These pairs read into arrays once, when they fit in ``limit_mb`` (training draws every
+        pair many times); else themselves, read when indexed."""
+        if len(self) * np.asarray(self.images[0]).nbytes * 1.25 > limit_mb * 2**20:
+            return self
+        return Pairs(self.images[:], self.labels[:], self.subject_ids)
+
+    @property
+    def spatial_dims(self) -> int:
+        return np.ndim(self.images[0])
+
     @staticmethod
     def concat(*parts: Pairs) -> Pairs:
         return Pairs(Rows(ConcatDataset([p.images for p in parts])), Rows(ConcatDataset([p.labels for p in parts])))
 
 
-def build_segmenter(settings: dict, n_labels: int) -> torch.nn.Module:
-    """(B, 1, X, Y, Z) -> logits (B, n_labels): MONAI ``UNet`` (``channels``, stride 2 between
-    levels, ``num_res_units``, instance norm) or ``SegResNet`` (``init_filters``, one block per level)."""
+def build_segmenter(settings: dict, n_labels: int, spatial_dims: int = 3) -> torch.nn.Module:
+    """(B, 1, X, Y, Z) (or (B, 1, X, Y), ``spatial_dims`` 2) -> logits (B, n_labels, ...): MONAI ``UNet``
+    (``channels``, stride 2 between levels, ``num_res_units``, instance norm) or ``SegResNet``
+    (``init_filters``, one block per level)."""
     from monai.networks.nets import SegResNet, UNet
 
     network, channels = settings.get("network", "unet"), list(settings.get("channels", [8, 16, 32]))
     if network == "unet":
-        return UNet(spatial_dims=3, in_channels=1, out_channels=n_labels, channels=channels,
+        return UNet(spatial_dims=spatial_dims, in_channels=1, out_channels=n_labels, channels=channels,
                     strides=[2] * (len(channels) - 1), num_res_units=settings.get("num_res_units", 1),
                     norm="instance")
     if network == "segresnet":
-        return SegResNet(spatial_dims=3, in_channels=1, out_channels=n_labels,
+        return SegResNet(spatial_dims=spatial_dims, in_channels=1, out_channels=n_labels,
                          init_filters=settings.get("init_filters", 8), blocks_down=[1] * len(channels),
                          blocks_up=[1] * (len(channels) - 1), norm="instance")
     raise InputError(f"evaluate.segmentation.network is {network!r}; use 'unet' or 'segresnet'")
@@ -78,9 +91,9 @@ def divisor(settings: dict) -> int:
 
 
 def _pad(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Zero-pad the last three axes of ``x`` up to multiples of ``k`` (at their far ends)."""
+    """Zero-pad the spatial axes of ``x`` (B, C, ...) up to multiples of ``k`` (at their far ends)."""
     pads = []
-    for size in reversed(x.shape[-3:]):
+    for size in reversed(x.shape[2:]):
         pads += [0, -size % k]
     return torch.nn.functional.pad(x, pads)
 
@@ -95,7 +108,8 @@ def train_segmenter(data: Pairs, settings: dict, n_labels: int, device: torch.de
     if not len(data):
         raise InputError(f"{desc}: no (image, label map) pairs to train on")
     seed_everything(seed)
-    model = build_segmenter(settings, n_labels).to(device)
+    data = data.in_memory()
+    model = build_segmenter(settings, n_labels, data.spatial_dims).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.get("lr", 1e-3),
                                   weight_decay=settings.get("weight_decay", 1e-5))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -116,10 +130,10 @@ def train_segmenter(data: Pairs, settings: dict, n_labels: int, device: torch.de
 
 @torch.no_grad()
 def segment(model: torch.nn.Module, images: np.ndarray, device: torch.device, settings: dict) -> np.ndarray:
-    """Label maps (N, X, Y, Z) uint8: the argmax of the segmenter on each volume of a batch."""
+    """Label maps (N, X, Y, Z) or (N, X, Y) uint8: the argmax of the segmenter on each image of a batch."""
     x = torch.from_numpy(np.asarray(images, np.float32))[:, None]
-    logits = model(_pad(x, divisor(settings)).to(device))[..., :x.shape[-3], :x.shape[-2], :x.shape[-1]]
-    return logits.argmax(1).to(torch.uint8).cpu().numpy()
+    logits = model(_pad(x, divisor(settings)).to(device))
+    return logits[(..., *(slice(size) for size in x.shape[2:]))].argmax(1).to(torch.uint8).cpu().numpy()
 
 
 def dice_per_label(predicted: np.ndarray, target: np.ndarray, n_labels: int) -> np.ndarray:
