@@ -376,7 +376,7 @@ def _classifier_section(results: dict[str, dict], figures: Path, saliency: dict[
     from medldm.evaluation.classifier import ARMS, DIFFERENCES, METRICS
 
     section = Section("Classifier: train on synthetic, test on real")
-    section.text("One 3D classifier per arm (training set), same network, seed and number of steps; all tested "
+    section.text("One classifier per arm (training set, in the images' dimension), same network, seed and number of steps; all tested "
                  "on the real test subjects. Arms: real training subjects (trained once per run), the "
                  "autoencoder's reconstructions of them (its floor: what the autoencoder's blur alone costs), the "
                  "sample set's synthetic volumes, and real plus synthetic. Intervals: percentile bootstrap 95 % "
@@ -497,7 +497,7 @@ def _segmentation_section(segmenter: dict | None, results: dict[str, dict], sets
     from medldm.report.montage import save_contours
 
     section = Section("Segmentation: adherence to label maps, and train on synthetic")
-    section.text("One small 3D segmenter (MONAI) trained on the real training subjects' label maps; its Dice on "
+    section.text("One small segmenter (MONAI, in the images' dimension) trained on the real training subjects' label maps; its Dice on "
                  "the real test subjects is the ceiling. Adherence: its Dice on each synthetic volume against the "
                  "map the volume carries (its condition or generated map); a set without maps is the control, "
                  "scored against randomly paired real test maps, and should be clearly lower. The same network, "
