@@ -11,6 +11,7 @@ from snakemake.utils import validate
 
 from medldm.data.h5layout import Header, create_latents
 from medldm.provenance import sha256_file
+from tests.conftest import config_schema
 
 SCHEMA = Path(__file__).resolve().parent.parent / "config" / "schemas" / "config.schema.yaml"
 SHAPE = (2, 4, 4, 4)  # (C, d, h, w)
@@ -39,13 +40,13 @@ def ldm_settings(**sections) -> dict:
     for name, values in sections.items():
         tiny[name] = {**tiny.get(name, {}), **values} if isinstance(values, dict) else values
     config = {"ldm": {"tiny": tiny}}
-    validate(config, str(SCHEMA))
+    validate(config, config_schema())
     return config["ldm"]["tiny"]
 
 
 def sample_set_settings(**values) -> dict:
     config = {"sample_sets": {"s": {"ldm": "tiny", **values}}}
-    validate(config, str(SCHEMA))
+    validate(config, config_schema())
     return config["sample_sets"]["s"]
 
 

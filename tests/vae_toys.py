@@ -12,8 +12,8 @@ from snakemake.utils import validate
 
 from medldm.data.cohort import PreparedSet
 from medldm.io import save_nifti
+from tests.conftest import config_schema
 
-SCHEMA = Path(__file__).resolve().parent.parent / "config" / "schemas" / "config.schema.yaml"
 LABELS = ["background", "CSF", "GM", "WM"]
 CLASSES = ["HC", "TLE"]
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
@@ -37,7 +37,7 @@ def vae_settings(**sections) -> dict:
     for name, values in sections.items():
         tiny[name] = {**tiny.get(name, {}), **values} if isinstance(values, dict) else values
     config = {"vae": {"tiny": tiny}}
-    validate(config, str(SCHEMA))
+    validate(config, config_schema())
     return config["vae"]["tiny"]
 
 
