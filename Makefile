@@ -28,9 +28,9 @@ system-test-deps:
 	else echo "not root with apt-get: browser and SLURM tests will skip"; fi
 
 # pytest-xdist: one worker per core; the SLURM tests share one cluster, so one worker runs them
-# all (--dist loadgroup, tests/slurm/conftest.py). TEST_WORKERS=0 runs in this process.
+# all (tests/conftest.py). TEST_WORKERS=0 runs in this process.
 test: install system-test-deps
-	python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	python -m pytest -n $(TEST_WORKERS)
 
 lint: install
 	ruff check .

@@ -51,15 +51,39 @@ def random_torch_home() -> Path:
     return home
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (`-n 2`, `--dist load`), every test goes to the next free worker, except
+    that the SLURM tests share one local cluster: one worker runs them all, starting with them."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SlurmInOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/slurm" if nodeid.startswith("tests/slurm/") else nodeid
+
+    return SlurmInOneWorker(config, log)
+
+
 @functools.cache
-def config_schema() -> str:
-    """config/schemas/config.schema.yaml as a JSON file (temporary, one per process) for snakemake's
-    `validate`: it parses JSON in milliseconds, but this YAML in about a second on every call."""
+def _config_schema_json() -> str:
+    """config/schemas/config.schema.yaml as a JSON file (temporary, one per process): snakemake's
+    `validate` parses JSON in milliseconds, but this YAML in about a second on every call."""
     schema = yaml.load((REPO / "config" / "schemas" / "config.schema.yaml").read_text(), Loader=yaml.CSafeLoader)
     path = Path(tempfile.mkdtemp(prefix="medldm-schema-")) / "config.schema.json"
     atexit.register(shutil.rmtree, path.parent, True)
     path.write_text(json.dumps(schema))
     return str(path)
+
+
+def validated_config(config: dict) -> dict:
+    """``config`` checked against config.schema.yaml by snakemake's `validate`, its defaults filled
+    in; as plain dicts (defaults from a JSON schema come as OrderedDicts, which YAML cannot dump)."""
+    from snakemake.utils import validate
+
+    validate(config, _config_schema_json())
+    return json.loads(json.dumps(config))
 
 
 def snakemake_env() -> dict:
@@ -103,12 +127,18 @@ def test_config() -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    """The whole workflow run once on config/test.yaml (session-wide); returns its work folder.
+    """The whole workflow run once on config/test.yaml, with training and sampling cut further
+    (every stage still trains, validates, checkpoints and exports), session-wide; returns its work
+    folder.
 
     End-to-end tests share it: inspect its outputs, or dry-run new targets in it (never modify
     its files in a test that others rely on).
     """
     workdir = tmp_path_factory.mktemp("tiny_run")
     config = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    config["vae"]["demo"]["train"].update(epochs=4, val_every=2, checkpoint_every=2)
+    config["ldm"]["demo"]["train"].update(steps=10, warmup_steps=2, log_every=5, val_every=5, checkpoint_every=5)
+    config["sample_sets"]["demo"]["steps"] = 4
+    config["evaluate"]["segmentation"]["steps"] = 10
     run_snakemake(workdir, "--cores", "2", config=config, timeout=1200)
     return workdir
