@@ -51,19 +51,27 @@ def random_torch_home() -> Path:
     return home
 
 
+# the modules whose tests use the tiny_run fixture: one xdist worker runs them, so it is built once
+TINY_RUN_MODULES = ("tests/test_report.py", "tests/test_rerun_triggers.py", "tests/test_workflow_samples.py")
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """Under pytest-xdist (`-n 2`, `--dist load`), every test goes to the next free worker, except
-    that the SLURM tests share one local cluster: one worker runs them all, starting with them."""
+    """Under pytest-xdist (`-n 2`, `--dist load`) each test module goes whole to the next free
+    worker, so module fixtures are built once; the SLURM tests (one local cluster) go to one worker,
+    and so do the modules that share the session's tiny_run."""
     if config.getvalue("dist") != "load":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class SlurmInOneWorker(LoadScopeScheduling):
+    class ModulesAndSharedFixtures(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "tests/slurm" if nodeid.startswith("tests/slurm/") else nodeid
+            module = nodeid.split("::", 1)[0]
+            if module.startswith("tests/slurm/"):
+                return "tests/slurm"
+            return "tiny_run" if module in TINY_RUN_MODULES else module
 
-    return SlurmInOneWorker(config, log)
+    return ModulesAndSharedFixtures(config, log)
 
 
 @functools.cache
@@ -127,18 +135,12 @@ def test_config() -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    """The whole workflow run once on config/test.yaml, with training and sampling cut further
-    (every stage still trains, validates, checkpoints and exports), session-wide; returns its work
-    folder.
+    """The whole workflow run once on config/test.yaml (session-wide); returns its work folder.
 
     End-to-end tests share it: inspect its outputs, or dry-run new targets in it (never modify
-    its files in a test that others rely on).
+    its files in a test that others rely on). List their modules in TINY_RUN_MODULES.
     """
     workdir = tmp_path_factory.mktemp("tiny_run")
     config = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
-    config["vae"]["demo"]["train"].update(epochs=4, val_every=2, checkpoint_every=2)
-    config["ldm"]["demo"]["train"].update(steps=10, warmup_steps=2, log_every=5, val_every=5, checkpoint_every=5)
-    config["sample_sets"]["demo"]["steps"] = 4
-    config["evaluate"]["segmentation"]["steps"] = 10
     run_snakemake(workdir, "--cores", "2", config=config, timeout=1200)
     return workdir
