@@ -3,6 +3,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 CORES ?= 2
+TEST_WORKERS ?= 2
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: demo test install system-test-deps lint clean
@@ -26,8 +27,10 @@ system-test-deps:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; \
 	else echo "not root with apt-get: browser and SLURM tests will skip"; fi
 
+# pytest-xdist: one worker per core; the SLURM tests share one cluster, so one worker runs them
+# all (tests/conftest.py). TEST_WORKERS=0 runs in this process.
 test: install system-test-deps
-	python -m pytest
+	python -m pytest -n $(TEST_WORKERS)
 
 lint: install
 	ruff check .

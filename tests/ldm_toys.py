@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from snakemake.utils import validate
 
 from medldm.data.h5layout import Header, create_latents
 from medldm.provenance import sha256_file
+from tests.conftest import validated_config
 
 SCHEMA = Path(__file__).resolve().parent.parent / "config" / "schemas" / "config.schema.yaml"
 SHAPE = (2, 4, 4, 4)  # (C, d, h, w)
@@ -38,15 +38,11 @@ def ldm_settings(**sections) -> dict:
     }
     for name, values in sections.items():
         tiny[name] = {**tiny.get(name, {}), **values} if isinstance(values, dict) else values
-    config = {"ldm": {"tiny": tiny}}
-    validate(config, str(SCHEMA))
-    return config["ldm"]["tiny"]
+    return validated_config({"ldm": {"tiny": tiny}})["ldm"]["tiny"]
 
 
 def sample_set_settings(**values) -> dict:
-    config = {"sample_sets": {"s": {"ldm": "tiny", **values}}}
-    validate(config, str(SCHEMA))
-    return config["sample_sets"]["s"]
+    return validated_config({"sample_sets": {"s": {"ldm": "tiny", **values}}})["sample_sets"]["s"]
 
 
 def make_vae_file(path: Path, content: bytes = b"toy autoencoder") -> Path:

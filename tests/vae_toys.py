@@ -8,12 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from snakemake.utils import validate
 
 from medldm.data.cohort import PreparedSet
 from medldm.io import save_nifti
+from tests.conftest import validated_config
 
-SCHEMA = Path(__file__).resolve().parent.parent / "config" / "schemas" / "config.schema.yaml"
 LABELS = ["background", "CSF", "GM", "WM"]
 CLASSES = ["HC", "TLE"]
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
@@ -36,9 +35,7 @@ def vae_settings(**sections) -> dict:
     }
     for name, values in sections.items():
         tiny[name] = {**tiny.get(name, {}), **values} if isinstance(values, dict) else values
-    config = {"vae": {"tiny": tiny}}
-    validate(config, str(SCHEMA))
-    return config["vae"]["tiny"]
+    return validated_config({"vae": {"tiny": tiny}})["vae"]["tiny"]
 
 
 def phantom(rng: np.random.Generator, shape) -> tuple[np.ndarray, np.ndarray]:
