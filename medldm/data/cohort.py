@@ -202,14 +202,7 @@ def _kill_leftover_workers() -> None:
             child.join()
 
 
-_exit_hook_registered = False
-
-
-def _kill_leftover_workers_at_exit() -> None:
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        atexit.register(_kill_leftover_workers)
-        _exit_hook_registered = True
+atexit.register(_kill_leftover_workers)  # after torch's multiprocessing import, so it runs before its exit
 
 
 def training_loader(data: PreparedSet, workers: int, cache_mb: float, pin_memory: bool = False,
@@ -237,8 +230,6 @@ def training_loader(data: PreparedSet, workers: int, cache_mb: float, pin_memory
         log.info("caching %d of %d training subjects in RAM (train.cache_mb %g)", cached, len(data), cache_mb)
         dataset = CacheDataset(data, transform=None, cache_num=cached, copy_cache=False, progress=False)
     sampler = PlannedBatches()
-    if workers > 0:
-        _kill_leftover_workers_at_exit()
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                         persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator())  # leaves the global RNG (the model's noise) alone
