@@ -816,22 +816,24 @@ def report_index():
         inpaint = is_inpaint_set(name)
         labels = is_label_set(name)  # label maps: their own evaluation, no image metrics
         images = not (inpaint or labels)
+        wanted = set(sample_set.get("evaluate", ["image_metrics", "classifier", "segmentation"]))
+        classifier = CLASSIFIER and images and "classifier" in wanted
         index["sample_sets"][name] = {
             "ldm": sample_set["ldm"],
             "volumes": f"{synthetic}/volumes.h5",
-            "metrics": f"{evaluation}/image_metrics.json" if images else None,
-            "classifier": f"{evaluation}/classifier.json" if CLASSIFIER and images else None,
+            "metrics": f"{evaluation}/image_metrics.json" if images and "image_metrics" in wanted else None,
+            "classifier": f"{evaluation}/classifier.json" if classifier else None,
             "saliency": [
                 f"{folder}/saliency.png"
                 for folder in (evaluation, REAL_ARM_DIR, reconstruction_arm_dir(vae))
             ]
-            if SALIENCY and images
+            if SALIENCY and classifier
             else [],
             "inpainting": f"{evaluation}/inpainting.json" if inpaint else None,
         }
         if labels:
             index["sample_sets"][name]["label_maps"] = f"{evaluation}/label_maps.json"
-        if name in segmentation_sets():  # only then: a class-only run's report params stay as they were
+        if name in segmentation_sets() and "segmentation" in wanted:  # only then: a class-only run's report params stay as they were
             index["sample_sets"][name]["segmentation"] = f"{evaluation}/segmentation.json"
     if SEGMENTATION:
         index["segmenter"] = f"{SEGMENTER_DIR}/segmenter.json"

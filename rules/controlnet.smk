@@ -15,6 +15,7 @@ rule train_controlnet:
     conda:
         "../envs/torch.yaml"
     threads: 4
+    priority: 1  # the training chain before side jobs (FID features, classifiers, segmenter)
     resources:
         **rule_resources("train_controlnet"),
     wildcard_constraints:

@@ -16,6 +16,7 @@ rule train_ldm:
     conda:
         "../envs/torch.yaml"
     threads: 4
+    priority: 1  # the training chain before side jobs (FID features, classifiers, segmenter)
     resources:
         **rule_resources("train_ldm"),
     params:

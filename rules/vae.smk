@@ -27,6 +27,7 @@ rule train_vae:
     conda:
         "../envs/torch.yaml"
     threads: 4
+    priority: 1  # the training chain before side jobs (FID features, classifiers, segmenter)
     resources:
         **rule_resources("train_vae"),
     params:
@@ -94,6 +95,7 @@ rule export_latents:
     conda:
         "../envs/torch.yaml"
     threads: 4
+    priority: 1  # the training chain before side jobs (FID features, classifiers, segmenter)
     resources:
         **rule_resources("export_latents"),
     params:
