@@ -54,6 +54,7 @@ VARIANTS: dict[str, dict] = {
     "down2": {"model": {"channels": [8, 16]}},
     "down2_w16": {"model": {"channels": [16, 32]}},
     "down4_lat8": {"model": {"latent_channels": 8}},
+    "down4_lat8_grad": {"model": {"latent_channels": 8}, "loss": {"gradient_weight": 1.0}},
     "down2_e80": {"model": {"channels": [8, 16]}, "train": {"epochs": 80}},
     "down2_e40": {"model": {"channels": [8, 16]}, "train": {"epochs": 40}},
     "down2_l2": {"model": {"channels": [8, 16]}, "loss": {"reconstruction": "l2"}},

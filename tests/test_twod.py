@@ -148,9 +148,9 @@ def test_demo2d_dry_run_plans_every_stage(tmp_path):
     proc = run_snakemake(tmp_path, "-n", "--configfile", *configs)
     planned = set(planned_rules(proc.stdout))
     assert {"prepare", "manifest", "train_vae", "export_latents", "train_ldm", "sample", "decode_synthetic",
-            "decode_reconstructions", "fid_reference", "evaluate_synthetic", "evaluate_classifier",
-            "report"} <= planned, proc.stdout[-3000:]
-    assert "image-s7.nii.gz" in proc.stdout  # 8 slices per subject
+            "decode_reconstructions", "fid_reference", "evaluate_synthetic", "train_controlnet", "train_segmenter",
+            "evaluate_segmentation", "report"} <= planned, proc.stdout[-3000:]
+    assert "image-s11.nii.gz" in proc.stdout  # 12 slices per subject
 
 
 def two_d(config):
@@ -227,6 +227,8 @@ def test_tiny_2d_chain_end_to_end(tmp_path, test_config):
     assert adherence["adherence"]["kind"] == "adherence"
     assert np.shape(adherence["adherence"]["per_subject"]) == (test_slices, 3)
     assert set(adherence["arms"]) == {"real", "synthetic", "real+synthetic"}
+    classifier = json.loads((results / "eval" / "synthetic" / "demo" / "steered" / "classifier.json").read_text())
+    assert classifier["n_test"] == test_slices and "synthetic" in classifier["arms"]
     assert (results / "report" / "index.html").is_file()
 
 
