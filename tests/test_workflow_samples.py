@@ -67,3 +67,14 @@ def test_old_rule_names_still_work_as_resources_keys(test_config, tmp_path):
     test_config["resources"]["decode_synthetic"] = {"mem_mb": 1}
     out = run_snakemake(tmp_path, "-n", target, config=test_config, check=False)
     assert out.returncode != 0 and "keep only `decode_synthetic`" in out.stdout + out.stderr
+
+
+def test_a_set_runs_only_the_evaluations_it_names(test_config, tmp_path):
+    """sample_sets.<name>.evaluate: a set naming only image_metrics gets no classifier job and no
+    classifier.json in the report; its twin without the key gets both."""
+    first = next(iter(test_config["sample_sets"].values()))
+    test_config["sample_sets"] = {"all": dict(first), "fid_only": {**first, "evaluate": ["image_metrics"]}}
+    proc = run_snakemake(tmp_path, "-n", config=test_config)
+    plan = planned_rules(proc.stdout)
+    assert plan["evaluate_synthetic"] == 2 and plan["evaluate_classifier"] == 1, plan
+    assert "/all/classifier.json" in proc.stdout and "/fid_only/classifier.json" not in proc.stdout
