@@ -94,11 +94,25 @@ def validated_config(config: dict) -> dict:
     return json.loads(json.dumps(config))
 
 
+@functools.cache
+def failing_scontrol_dir() -> Path:
+    """A folder whose `scontrol` fails at once. Snakemake imports every executor plugin on each run,
+    and the SLURM plugin's import runs `scontrol show config` (10 s timeout): where SLURM is
+    installed but not running, as between the cluster tests, every local run would wait ~9 s."""
+    folder = Path(tempfile.mkdtemp(prefix="medldm-noslurm-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    stub = folder / "scontrol"
+    stub.write_text("#!/bin/sh\nexit 1\n")
+    stub.chmod(0o755)
+    return folder
+
+
 def snakemake_env() -> dict:
-    """The test interpreter's folder first on PATH, so rules' `python` is the project's; a
-    TORCH_HOME with random FID Inception weights."""
+    """The test interpreter's folder first on PATH, so rules' `python` is the project's, then a
+    failing `scontrol` (local runs only; tests/slurm has its own environment); a TORCH_HOME with
+    random FID Inception weights."""
     env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = os.pathsep.join([str(BIN), str(failing_scontrol_dir()), env.get("PATH", "")])
     env["TORCH_HOME"] = str(random_torch_home())
     return env
 

@@ -92,3 +92,18 @@ def test_demo_masks_are_seeded_grouped_and_leave_the_images_alone(tmp_path):
             assert shared.sum() > 100 and np.mean(np.asarray(label.dataobj)[shared] == 1) > 0.9
         else:
             assert shared.sum() < 100
+
+
+def test_smooth_field_is_the_cubic_zoom_of_the_coarse_noise():
+    """The separable weights give the field ndimage.zoom (cubic, nearest) makes of the same noise."""
+    from scipy import ndimage
+
+    from medldm.data.demo import _smooth_field
+
+    shape, coarse, amplitude = (23, 17, 30), 5, 1.2
+    noise = np.random.default_rng(7).normal(0.0, amplitude, (coarse,) * 3)
+    expected = ndimage.zoom(noise, [s / coarse for s in shape], order=3, mode="nearest")
+    field = _smooth_field(np.random.default_rng(7), shape, coarse, amplitude)
+    assert field.shape == expected.shape == shape
+    np.testing.assert_allclose(field, expected, atol=1e-12)
+    assert field.std() > 0.1  # a field, not zeros
