@@ -5,6 +5,9 @@ Quality does not depend on how busy the machine is, speed does, so the two are m
 
     # test-split SSIM/PSNR of one variant after its full schedule (1 thread; one run at a time)
     python benchmarks/bench_quality.py quality --variant base --out results/bench/quality/base.json
+    # the frontier: a markdown table of every quality JSON in --results (test SSIM, PSNR, FID of the
+    # reconstructions vs the real test volumes) with VAE minutes projected by --anchor-vae-s
+    python benchmarks/bench_quality.py table --results results/bench/quality
     # seconds per training step of every variant's VAE (and of the LDM on its latents), 2 threads,
     # short repeated bursts, the minimum kept: projected minutes = steps x s/step
     python benchmarks/bench_quality.py speed --out results/bench/quality/speed.json
@@ -18,7 +21,11 @@ VAE step took over 25 s instead of about 0.2 s, and 6.2 s on 1 thread; ``flops``
 A variant is the config's vae entry (default: demo) with the overrides of ``VARIANTS``; ``quality``
 trains it with ``medldm.autoencoder.training.VAETrainer`` on the prepared cohort
 (``snakemake results/prepared/manifest.tsv`` first), logs the validation curve, and scores the
-test split with the trainer's own ``evaluate_reconstruction`` (MONAI SSIM, PSNR on [0, 1]).
+test split with the trainer's own ``evaluate_reconstruction`` (MONAI SSIM, PSNR on [0, 1]) and by the
+per-slice FID of its reconstructions (the report's reconstruction floor, same slices).
+
+On CPU keep the VAE's batch at 2 or more: at batch 1, PyTorch's heuristic sends these small 3D
+convolutions to its slow non-oneDNN kernel (1.5 s per volume vs 0.38 s at batch 2, one thread).
 """
 
 from __future__ import annotations
@@ -40,9 +47,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medldm.autoencoder import networks as ae
 from medldm.autoencoder.training import VAETrainer, evaluate_reconstruction
+from medldm.checkpoint import save_torch
 from medldm.data.cohort import PreparedSet, load_prepared
 from medldm.diffusion import process as diffusion
 from medldm.diffusion.backbones import build_diffusion_model
+from medldm.evaluation import fid
+from medldm.evaluation.fid_weights import load_inception
 from medldm.io import write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +72,11 @@ VARIANTS: dict[str, dict] = {
     "down2_grad": {"model": {"channels": [8, 16]}, "loss": {"gradient_weight": 1.0}},
     "down2_lat2": {"model": {"channels": [8, 16], "latent_channels": 2}},
     "down2_lat1": {"model": {"channels": [8, 16], "latent_channels": 1}},
+    "bs1": {"train": {"batch_size": 1}},
+    "bs1_grad": {"train": {"batch_size": 1}, "loss": {"gradient_weight": 1.0}},
+    "lr4e-3": {"train": {"lr": 4.0e-3}},
+    "bs4": {"train": {"batch_size": 4}},
+    "bs8": {"train": {"batch_size": 8}},
 }
 
 # Overrides of the config's ldm model (the entry that uses the vae), timed on every latent shape.
@@ -106,10 +121,27 @@ def quality(args, config: dict) -> dict:
     montage = args.montage if args.montage else None
     scores, _ = evaluate_reconstruction(result.model, test, 0, False, torch.device("cpu"), settings["inference"],
                                         montage, 3)
+    scores["fid"] = reconstruction_fid(result.model, test, settings["inference"], config["evaluate"]["fid"])
+    if args.weights:
+        save_torch(args.weights, result.model.state_dict())
     steps = epochs * -(-len(train) // settings["train"]["batch_size"])
     return {"variant": args.variant, "overrides": VARIANTS[args.variant], "epochs": epochs, "steps": steps,
             "train_subjects": len(train), "test_subjects": len(test), "test": scores, "val_curve": curve,
             "wall_s_1_thread_shared_machine": seconds}
+
+
+def reconstruction_fid(net, test: PreparedSet, inference: dict, fid_settings: dict) -> dict:
+    """Per-slice FID of the test reconstructions against the test volumes, per axis and mean
+    (pooled classes), with the demo's slice selection: the report's reconstruction floor."""
+    cpu = torch.device("cpu")
+    images = torch.stack([test.images[i] for i in range(len(test))])
+    mu = np.concatenate([m for _, m, _ in ae.encode_set(net, images, None, 0, cpu, inference, progress=False)])
+    recon = np.concatenate([image for _, image, _ in ae.decode_set(net, mu, inference, cpu, progress=False)])
+    spec = fid.SliceSpec.from_settings(fid_settings)
+    model = load_inception(fid_settings["dims"], cpu)
+    real = fid.slice_features(zip(images[:, 0].numpy(), test.class_index, strict=True), model, spec, cpu, progress=False)
+    synthetic = fid.slice_features(zip(recon, test.class_index, strict=True), model, spec, cpu, progress=False)
+    return fid.pooled_fids(real, synthetic)
 
 
 def time_steps(step, warmup: int, steps: int, repeats: int) -> float:
@@ -244,21 +276,53 @@ def flops(args, config: dict) -> dict:
             "gflop_per_s_at_anchor": rate, "vae": vaes, "ldm": ldms}
 
 
+def table(args, config: dict) -> dict:
+    """The frontier: one row per quality JSON in ``--results``, minutes projected from the demo's
+    train_vae on the AVX-512 kind (--anchor-vae-s for the base schedule) by GFLOP per step x steps."""
+    shape = config["prepare"]["shape"]
+    base = variant_settings(config, args.vae, "base")
+    base_steps = base["train"]["epochs"] * -(-args.train_subjects // base["train"]["batch_size"])
+    base_gflop = gflop(vae_backward, ae.build_autoencoder(base["model"], 1), torch.rand(2, 1, *shape))
+    rows = []
+    for path in sorted(args.results.glob("*.json")):
+        run = json.loads(path.read_text())
+        if "test" not in run:
+            continue
+        settings = variant_settings(config, args.vae, run["variant"])
+        x = torch.rand(settings["train"]["batch_size"], 1, *shape)
+        work = gflop(vae_backward, ae.build_autoencoder(settings["model"], 1), x) * run["steps"]
+        test = run["test"]
+        rows.append({"run": path.stem, "variant": run["variant"], "epochs": run["epochs"],
+                     "projected_min": args.anchor_vae_s / 60 * work / (base_gflop * base_steps),
+                     "ssim": test["ssim"], "psnr": test["psnr"], "recon_fid": test.get("fid", {}).get("mean")})
+    rows.sort(key=lambda r: r["projected_min"])
+    print("| run | variant | epochs | VAE minutes (projected) | test SSIM | test PSNR dB | recon FID |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        fid_text = f"{r['recon_fid']:.0f}" if r["recon_fid"] is not None else "-"
+        print(f"| {r['run']} | {r['variant']} | {r['epochs']} | {r['projected_min']:.1f} | {r['ssim']:.3f} | "
+              f"{r['psnr']:.2f} | {fid_text} |")
+    return {"anchor_vae_s": args.anchor_vae_s, "rows": rows}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["quality", "speed", "flops"])
+    parser.add_argument("mode", choices=["quality", "speed", "flops", "table"])
     parser.add_argument("--config", type=Path, default=REPO / "config" / "config.yaml")
     parser.add_argument("--vae", default="demo", help="vae entry of the config")
     parser.add_argument("--manifest", type=Path, default=Path("results/prepared/manifest.tsv"))
     parser.add_argument("--variant", default="base", choices=sorted(VARIANTS), help="quality: the variant to train")
     parser.add_argument("--epochs", type=int, help="quality: override the variant's epochs")
     parser.add_argument("--montage", type=Path, help="quality: PNG of test reconstructions")
+    parser.add_argument("--weights", type=Path, help="quality: file for the trained autoencoder's state dict")
     parser.add_argument("--variants", nargs="*", help="speed: variants to time (default: all)")
     parser.add_argument("--ldm-variants", nargs="*", help="speed: LDM variants to time (default: all)")
     parser.add_argument("--ldm", action=argparse.BooleanOptionalAction, default=True, help="speed: time the LDM too")
     parser.add_argument("--burst", type=int, default=6, help="speed: steps per timed burst")
     parser.add_argument("--repeats", type=int, default=5, help="speed: bursts; the fastest is kept")
-    parser.add_argument("--train-subjects", type=int, default=26, help="flops: train subjects (demo: 26)")
+    parser.add_argument("--train-subjects", type=int, default=26, help="flops, table: train subjects (demo: 26)")
+    parser.add_argument("--results", type=Path, default=Path("results/bench/quality"),
+                        help="table: folder of quality JSONs")
     parser.add_argument("--anchor-vae-s", type=float, default=409,
                         help="flops: seconds of the demo's train_vae (base) on an idle 2-core machine")
     parser.add_argument("--anchor-ldm-s", type=float, default=139,
@@ -268,7 +332,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.threads = args.threads or (1 if args.mode == "quality" else 2)
     config = load_config(args.config)
-    result = {"quality": quality, "speed": speed, "flops": flops}[args.mode](args, config)
+    result = {"quality": quality, "speed": speed, "flops": flops, "table": table}[args.mode](args, config)
     print(json.dumps(result, indent=2))
     if args.out:
         write_json(args.out, result)
