@@ -8,6 +8,10 @@ Quality does not depend on how busy the machine is, speed does, so the two are m
     # the frontier: a markdown table of every quality JSON in --results (test SSIM, PSNR, FID of the
     # reconstructions vs the real test volumes) with VAE minutes projected by --anchor-vae-s
     python benchmarks/bench_quality.py table --results results/bench/quality
+    # FID of samples: a config that runs the demo's ldm, sample set and FID on runs' --weights
+    python benchmarks/bench_quality.py chain --runs base down2_lat1 --out quality_chain.yaml
+    snakemake --cores 2 --configfile config/config.yaml quality_chain.yaml \
+        results/quality_chain/eval/synthetic/down2_lat1/down2_lat1/image_metrics.json
     # seconds per training step of every variant's VAE (and of the LDM on its latents), 2 threads,
     # short repeated bursts, the minimum kept: projected minutes = steps x s/step
     python benchmarks/bench_quality.py speed --out results/bench/quality/speed.json
@@ -210,6 +214,33 @@ def speed(args, config: dict) -> dict:
             "vae": vaes, "ldm": ldms}
 
 
+# The ldm entry (overrides of the config's) that a variant's latents get in ``chain``.
+CHAIN_LDM: dict[str, dict] = {
+    "down2_lat1": {"model": LDM_VARIANTS["unet3_att3"], "train": {"batch_size": 4}},
+}
+
+
+def chain(args, config: dict) -> dict:
+    """A config that runs the demo's chain (ldm, sample set, FID with its floors) on the weights of
+    finished ``quality --weights`` runs, imported as pretrained autoencoders; merge it over the
+    demo's: ``snakemake --configfile config/config.yaml CHAIN results/eval/synthetic/RUN/RUN/image_metrics.json``."""
+    ldm_name = next(n for n, e in config["ldm"].items() if e["vae"] == args.vae)
+    set_name = next(n for n, e in config["sample_sets"].items() if e["ldm"] == ldm_name)
+    out = {"results": str(args.chain_results), "vae": {}, "ldm": {}, "sample_sets": {}}
+    for run in args.runs:
+        weights = (args.results / f"{run}.pt").resolve()
+        variant = json.loads((args.results / f"{run}.json").read_text())["variant"]
+        out["vae"][run] = {"pretrained": str(weights), "model": variant_settings(config, args.vae, variant)["model"]}
+        ldm = copy.deepcopy(config["ldm"][ldm_name]) | {"vae": run}
+        for section, values in CHAIN_LDM.get(variant, {}).items():
+            ldm[section] = {**ldm[section], **values}
+        out["ldm"][run] = ldm
+        out["sample_sets"][run] = {**config["sample_sets"][set_name], "ldm": run, "evaluate": ["image_metrics"]}
+    if args.out:
+        args.out.write_text(yaml.safe_dump(out, sort_keys=False))
+    return out
+
+
 def fits(model: dict, latent) -> bool:
     """Whether the LDM UNet's levels halve the latent grid evenly."""
     factor = 2 ** (len(model.get("channels", [32, 64])) - 1)
@@ -307,7 +338,7 @@ def table(args, config: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["quality", "speed", "flops", "table"])
+    parser.add_argument("mode", choices=["quality", "speed", "flops", "table", "chain"])
     parser.add_argument("--config", type=Path, default=REPO / "config" / "config.yaml")
     parser.add_argument("--vae", default="demo", help="vae entry of the config")
     parser.add_argument("--manifest", type=Path, default=Path("results/prepared/manifest.tsv"))
@@ -322,7 +353,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="speed: bursts; the fastest is kept")
     parser.add_argument("--train-subjects", type=int, default=26, help="flops, table: train subjects (demo: 26)")
     parser.add_argument("--results", type=Path, default=Path("results/bench/quality"),
-                        help="table: folder of quality JSONs")
+                        help="table, chain: folder of quality JSONs (and chain: their --weights files, RUN.pt)")
+    parser.add_argument("--runs", nargs="*", default=[], help="chain: the quality runs (file stems) to chain")
+    parser.add_argument("--chain-results", type=Path, default=Path("results/quality_chain"),
+                        help="chain: the results folder of the chained runs")
     parser.add_argument("--anchor-vae-s", type=float, default=409,
                         help="flops: seconds of the demo's train_vae (base) on an idle 2-core machine")
     parser.add_argument("--anchor-ldm-s", type=float, default=139,
@@ -332,9 +366,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.threads = args.threads or (1 if args.mode == "quality" else 2)
     config = load_config(args.config)
-    result = {"quality": quality, "speed": speed, "flops": flops, "table": table}[args.mode](args, config)
+    result = {"quality": quality, "speed": speed, "flops": flops, "table": table, "chain": chain}[args.mode](args, config)
     print(json.dumps(result, indent=2))
-    if args.out:
+    if args.out and args.mode != "chain":
         write_json(args.out, result)
     return 0
 
