@@ -57,7 +57,7 @@ from medldm.diffusion import process as diffusion
 from medldm.diffusion.backbones import build_diffusion_model
 from medldm.evaluation import fid
 from medldm.evaluation.fid_weights import load_inception
-from medldm.io import write_json
+from medldm.io import write_json, write_text
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,6 @@ VARIANTS: dict[str, dict] = {
     "down2_lat2": {"model": {"channels": [8, 16], "latent_channels": 2}},
     "down2_lat1": {"model": {"channels": [8, 16], "latent_channels": 1}},
     "bs1": {"train": {"batch_size": 1}},
-    "bs1_grad": {"train": {"batch_size": 1}, "loss": {"gradient_weight": 1.0}},
     "lr4e-3": {"train": {"lr": 4.0e-3}},
     "bs4": {"train": {"batch_size": 4}},
     "bs8": {"train": {"batch_size": 8}},
@@ -223,13 +222,18 @@ CHAIN_LDM: dict[str, dict] = {
 def chain(args, config: dict) -> dict:
     """A config that runs the demo's chain (ldm, sample set, FID with its floors) on the weights of
     finished ``quality --weights`` runs, imported as pretrained autoencoders; merge it over the
-    demo's: ``snakemake --configfile config/config.yaml CHAIN results/eval/synthetic/RUN/RUN/image_metrics.json``."""
-    ldm_name = next(n for n, e in config["ldm"].items() if e["vae"] == args.vae)
-    set_name = next(n for n, e in config["sample_sets"].items() if e["ldm"] == ldm_name)
+    demo's: ``snakemake --configfile config/config.yaml CHAIN
+    <chain-results>/eval/synthetic/RUN/RUN/image_metrics.json``."""
+    ldm_name = next((n for n, e in config["ldm"].items() if e["vae"] == args.vae), None)
+    set_name = next((n for n, e in config["sample_sets"].items() if e["ldm"] == ldm_name), None)
+    if set_name is None:
+        sys.exit(f"{args.config}: no ldm on vae {args.vae!r} with a sample set to copy")
     out = {"results": str(args.chain_results), "vae": {}, "ldm": {}, "sample_sets": {}}
     for run in args.runs:
-        weights = (args.results / f"{run}.pt").resolve()
-        variant = json.loads((args.results / f"{run}.json").read_text())["variant"]
+        weights, record = (args.results / f"{run}.pt").resolve(), args.results / f"{run}.json"
+        if not weights.is_file() or not record.is_file():
+            sys.exit(f"run {run!r}: {record} and {weights} are needed: run `quality --out {record} --weights {weights}`")
+        variant = json.loads(record.read_text())["variant"]
         out["vae"][run] = {"pretrained": str(weights), "model": variant_settings(config, args.vae, variant)["model"]}
         ldm = copy.deepcopy(config["ldm"][ldm_name]) | {"vae": run}
         for section, values in CHAIN_LDM.get(variant, {}).items():
@@ -237,7 +241,7 @@ def chain(args, config: dict) -> dict:
         out["ldm"][run] = ldm
         out["sample_sets"][run] = {**config["sample_sets"][set_name], "ldm": run, "evaluate": ["image_metrics"]}
     if args.out:
-        args.out.write_text(yaml.safe_dump(out, sort_keys=False))
+        write_text(args.out, yaml.safe_dump(out, sort_keys=False))
     return out
 
 
